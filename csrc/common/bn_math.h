@@ -1,0 +1,104 @@
+// Per-channel and per-element math of the fused BatchNorm family, shared by the C++ CPU and the CUDA
+// implementations so that both compute exactly the same formulas. Plain C++ (no torch headers): nvcc
+// compiles it for the device, g++ for the host.
+//
+// Notation, per channel c over its n = N*H*W elements:
+//   mean, invstd      batch (or running) statistics, invstd = 1 / sqrt(var + eps)
+//   scale = weight * invstd            shift = bias - mean * scale
+//   z = x * scale + shift (+ residual)  y = relu(z) or z
+//   dz = dy * [z > 0] (or dy without ReLU)          xhat = (x - mean) * invstd
+//   dbias = sum(dz)   dweight = sum(dz * xhat)
+//   training: dx = scale * (dz - sum(dz)/n - xhat * sum(dz*xhat)/n)
+//   running statistics: dx = scale * dz
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FR_HOST_DEVICE inline
+#endif
+
+namespace fused_resnet {
+
+// Geometry of an N,C,H,W tensor whose H and W dims merge into one "hw" dim: element (n, c, hw) lives at
+// n*s_n + c*s_c + hw*s_hw. A "row" m = n*HW + hw indexes the N*H*W positions of one channel.
+// Covers contiguous (s_hw = 1), channels_last (s_c = 1), slices along N/C/H and expanded (stride 0) tensors.
+struct Layout {
+  int64_t N, C, HW;
+  int64_t s_n, s_c, s_hw;
+  bool rows_merged;  // s_n == HW * s_hw: row m sits at m * s_hw, no division needed
+};
+
+FR_HOST_DEVICE int64_t row_offset(const Layout& l, int64_t m) {
+  if (l.rows_merged) return m * l.s_hw;
+  const int64_t n = m / l.HW;
+  return n * l.s_n + (m - n * l.HW) * l.s_hw;
+}
+
+// Chan et al.'s merge of two partial (count, mean, m2) summaries; m2 = sum of squared deviations from
+// the mean. Stable where raw sums of squares cancel catastrophically (mean 1e4, std 1 in fp32).
+template <typename acc_t>
+FR_HOST_DEVICE void welford_merge(acc_t& n_a, acc_t& mean_a, acc_t& m2_a, acc_t n_b, acc_t mean_b,
+                                  acc_t m2_b) {
+  const acc_t n = n_a + n_b;
+  if (n_b == acc_t(0)) return;
+  const acc_t delta = mean_b - mean_a;
+  const acc_t frac_b = n_b / n;
+  mean_a += delta * frac_b;
+  m2_a += m2_b + delta * delta * n_a * frac_b;
+  n_a = n;
+}
+
+// A partial (count, mean, m2) as the raw sums (count, sum x, sum x^2) in double. Raw sums add up under an
+// all-reduce; double keeps sum x^2 - (sum x)^2 / n accurate for |mean| / std up to ~1e6.
+FR_HOST_DEVICE void welford_to_raw_sums(double n, double mean, double m2, double* count, double* sum,
+                                        double* sumsq) {
+  *count = n;
+  *sum = n * mean;
+  *sumsq = m2 + n * mean * mean;
+}
+
+// Batch mean and biased variance from the raw sums; variance clamped at 0 against rounding. Written as
+// `v < 0` so that a NaN variance stays NaN (NaN data must not give finite statistics).
+FR_HOST_DEVICE void raw_sums_to_mean_var(double n, double sum, double sumsq, double* mean, double* var) {
+  const double m = sum / n;
+  const double v = sumsq / n - m * m;
+  *mean = m;
+  *var = v < 0.0 ? 0.0 : v;
+}
+
+template <typename acc_t>
+FR_HOST_DEVICE void channel_scale_shift(acc_t mean, acc_t invstd, acc_t weight, acc_t bias, acc_t* scale,
+                                        acc_t* shift) {
+  *scale = weight * invstd;
+  *shift = bias - mean * (*scale);
+}
+
+// The forward pre-activation without residual. Forward and backward (which recomputes the ReLU mask
+// from x) both go through this one expression so the compiler contracts it the same way in both.
+template <typename acc_t>
+FR_HOST_DEVICE acc_t bn_affine(acc_t x, acc_t scale, acc_t shift) {
+  return x * scale + shift;
+}
+
+// ReLU that propagates NaN like torch.relu (a NaN compares false).
+template <typename acc_t>
+FR_HOST_DEVICE acc_t relu_nan(acc_t z) {
+  return z < acc_t(0) ? acc_t(0) : z;
+}
+
+// One running-statistic update, as nn.BatchNorm2d: r = (1 - f) * r + f * batch_value.
+FR_HOST_DEVICE double running_update(double running, double batch_value, double factor) {
+  return (1.0 - factor) * running + factor * batch_value;
+}
+
+template <typename acc_t>
+FR_HOST_DEVICE acc_t bn_grad_input_train(acc_t dz, acc_t xhat, acc_t scale, acc_t mean_dz,
+                                         acc_t mean_dz_xhat) {
+  return scale * (dz - mean_dz - xhat * mean_dz_xhat);
+}
+
+}  // namespace fused_resnet

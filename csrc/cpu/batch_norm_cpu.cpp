@@ -1,0 +1,390 @@
+// C++ CPU implementation of the fused BatchNorm family (contract: csrc/ops.cpp).
+//
+// It is also the CPU twin of the GPU kernels' algorithm: reductions are split into fixed chunks of rows (a
+// GPU program / thread block each); a chunk's statistics are accumulated on values shifted by its first row,
+// tile by tile (exact two-pass tile mean and m2, then a Chan merge), and written as float64 raw sums;
+// partials are combined in a fixed order. Results therefore do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/bn_math.h"
+#include "../common/tensor_utils.h"
+
+namespace fused_resnet {
+namespace {
+
+constexpr int64_t kTileRows = 64;     // rows reduced exactly (two passes) before each Chan merge
+constexpr int64_t kChunkRows = 4096;  // rows per partial result (one "program")
+constexpr int64_t kApplyGrain = 256;  // rows per parallel task in elementwise passes
+
+// Per-channel scale and shift in the accumulation type (weight 1 and bias 0 when absent).
+template <typename acc_t>
+void scale_shift(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                 const at::Tensor& bias, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const int64_t C = mean.numel();
+  const acc_t* mp = mean.data_ptr<acc_t>();
+  const acc_t* ip = invstd.data_ptr<acc_t>();
+  const acc_t* wp = weight.defined() ? weight.data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  scale.resize(C);
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    channel_scale_shift<acc_t>(mp[c], ip[c], wp ? wp[c] : acc_t(1), bp ? bp[c] : acc_t(0), &scale[c],
+                               &shift[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Statistics
+
+template <typename scalar_t>
+at::Tensor stats_impl(const at::Tensor& x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Layout l = layout_of(x);
+  const int64_t M = l.N * l.HW, C = l.C;
+  const int64_t P = ceil_div(M, kChunkRows);
+  // partial[p][k][c], k = (count, sum, sum of squares)
+  std::vector<double> partial(static_cast<size_t>(P * 3 * C));
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+
+  at::parallel_for(0, P, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<acc_t> shift(C), mean(C), m2(C), tile_mean(C), tile_m2(C);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      acc_t n = 0;
+      const int64_t r_end = std::min(M, (p + 1) * kChunkRows);
+      // Values are shifted by the chunk's first row: x - shift is exact for x near shift, which keeps the
+      // accumulation accurate for data whose mean is large against its spread. m2 is shift-invariant.
+      const scalar_t* first = xp + row_offset(l, p * kChunkRows);
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(first[c * l.s_c]);
+      for (int64_t t0 = p * kChunkRows; t0 < r_end; t0 += kTileRows) {
+        const int64_t t1 = std::min(r_end, t0 + kTileRows);
+        const acc_t nt = static_cast<acc_t>(t1 - t0);
+        std::fill(tile_mean.begin(), tile_mean.end(), acc_t(0));
+        std::fill(tile_m2.begin(), tile_m2.end(), acc_t(0));
+        for (int64_t m = t0; m < t1; ++m) {
+          const scalar_t* row = xp + row_offset(l, m);
+          for (int64_t c = 0; c < C; ++c) tile_mean[c] += static_cast<acc_t>(row[c * l.s_c]) - shift[c];
+        }
+        for (int64_t c = 0; c < C; ++c) tile_mean[c] /= nt;
+        for (int64_t m = t0; m < t1; ++m) {
+          const scalar_t* row = xp + row_offset(l, m);
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = (static_cast<acc_t>(row[c * l.s_c]) - shift[c]) - tile_mean[c];
+            tile_m2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t n_c = n;
+          welford_merge<acc_t>(n_c, mean[c], m2[c], nt, tile_mean[c], tile_m2[c]);
+        }
+        n += nt;
+      }
+      double* out = partial.data() + p * 3 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        welford_to_raw_sums(n, static_cast<double>(mean[c]) + static_cast<double>(shift[c]), m2[c], out + c,
+                            out + C + c, out + 2 * C + c);
+      }
+    }
+  });
+
+  at::Tensor stats = at::zeros({3, C}, x.options().dtype(at::kDouble));
+  double* sp = stats.data_ptr<double>();
+  for (int64_t p = 0; p < P; ++p) {  // fixed order: deterministic
+    for (int64_t k = 0; k < 3 * C; ++k) sp[k] += partial[p * 3 * C + k];
+  }
+  return stats;
+}
+
+at::Tensor bn_stats_cpu(const at::Tensor& x_in) {
+  check_activation(x_in, "x");
+  const at::Tensor x = kernel_layout(x_in);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu",
+                                         [&] { return stats_impl<scalar_t>(x); });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& stats_in,
+                                                   const c10::optional<at::Tensor>& running_mean,
+                                                   const c10::optional<at::Tensor>& running_var,
+                                                   const c10::optional<at::Tensor>& num_batches_tracked,
+                                                   c10::optional<double> momentum, double eps,
+                                                   at::ScalarType dtype) {
+  check_stats(stats_in);
+  const at::Tensor stats = stats_in.contiguous();
+  const int64_t C = stats.size(1);
+  const bool update = present(running_mean);
+  TORCH_CHECK(update == present(running_var),
+              "fused_resnet: running_mean and running_var must be given together");
+  at::Tensor rm, rv;
+  double factor = 0.0;
+  if (update) {
+    check_channel_vector(*running_mean, C, stats.device(), "running_mean");
+    check_channel_vector(*running_var, C, stats.device(), "running_var");
+    if (momentum.has_value()) {
+      factor = *momentum;
+    } else {
+      TORCH_CHECK(present(num_batches_tracked),
+                  "fused_resnet: momentum=None (cumulative average) needs num_batches_tracked");
+      factor = 1.0 / static_cast<double>(num_batches_tracked->item<int64_t>());
+    }
+    rm = running_mean->to(at::kDouble).contiguous();
+    rv = running_var->to(at::kDouble).contiguous();
+  }
+  at::Tensor mean = at::empty({C}, stats.options());
+  at::Tensor invstd = at::empty({C}, stats.options());
+  const double* sp = stats.data_ptr<double>();
+  double* mp = mean.data_ptr<double>();
+  double* ip = invstd.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double n = sp[c];
+    double var;
+    raw_sums_to_mean_var(n, sp[C + c], sp[2 * C + c], &mp[c], &var);
+    ip[c] = 1.0 / std::sqrt(var + eps);
+    if (update) {
+      rm.data_ptr<double>()[c] = running_update(rm.data_ptr<double>()[c], mp[c], factor);
+      rv.data_ptr<double>()[c] = running_update(rv.data_ptr<double>()[c], var * n / (n - 1.0), factor);
+    }
+  }
+  if (update) {
+    running_mean->copy_(rm);
+    running_var->copy_(rv);
+  }
+  return {mean.to(dtype), invstd.to(dtype)};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward apply: y = relu?(x * scale + shift [+ residual])
+
+template <typename scalar_t>
+void act_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+              const at::Tensor& bias, const at::Tensor& residual, bool relu, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> scale, shift;
+  scale_shift<acc_t>(mean, invstd, weight, bias, scale, shift);
+  const Layout lx = layout_of(x), ly = layout_of(y);
+  const bool has_res = residual.defined();
+  const Layout lr = has_res ? layout_of(residual) : lx;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* rp = has_res ? residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t M = lx.N * lx.HW, C = lx.C;
+  at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const scalar_t* xr = xp + row_offset(lx, m);
+      const scalar_t* rr = has_res ? rp + row_offset(lr, m) : nullptr;
+      scalar_t* yr = yp + row_offset(ly, m);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t z = bn_affine<acc_t>(static_cast<acc_t>(xr[c * lx.s_c]), scale[c], shift[c]);
+        if (has_res) z += static_cast<acc_t>(rr[c * lr.s_c]);
+        if (relu) z = relu_nan(z);
+        yr[c * ly.s_c] = static_cast<scalar_t>(z);
+      }
+    }
+  });
+}
+
+at::Tensor bn_act_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& residual_in, bool relu) {
+  check_apply_args(x_in, mean, invstd, weight, bias);
+  const at::Tensor x = kernel_layout(x_in);
+  at::Tensor residual;
+  if (present(residual_in)) {
+    check_like(*residual_in, x_in, "residual");
+    residual = kernel_layout(*residual_in);
+  }
+  const auto acc = acc_type_of(x);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_cpu", [&] {
+    act_impl<scalar_t>(x, mean.contiguous(), invstd.contiguous(), channel_param(weight, acc),
+                       channel_param(bias, acc), residual, relu, y);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward. dz = grad_out * [relu mask]; the mask is out > 0 when the output was saved (residual before
+// the ReLU), else recomputed from x with the forward's own expression.
+
+template <typename scalar_t>
+struct BackwardInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Layout ldy, lx, lo;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* out;  // nullptr: recompute the mask from x
+  bool relu;
+  std::vector<acc_t> scale, shift;
+  const acc_t* mean;
+  const acc_t* invstd;
+
+  BackwardInputs(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& out_,
+                 const at::Tensor& mean_, const at::Tensor& invstd_, const at::Tensor& weight,
+                 const at::Tensor& bias, bool relu_)
+      : ldy(layout_of(grad_out)),
+        lx(layout_of(x_)),
+        lo(out_.defined() ? layout_of(out_) : lx),
+        dy(grad_out.const_data_ptr<scalar_t>()),
+        x(x_.const_data_ptr<scalar_t>()),
+        out(out_.defined() ? out_.const_data_ptr<scalar_t>() : nullptr),
+        relu(relu_),
+        mean(mean_.const_data_ptr<acc_t>()),
+        invstd(invstd_.const_data_ptr<acc_t>()) {
+    scale_shift<acc_t>(mean_, invstd_, weight, bias, scale, shift);
+  }
+
+  // dz and xhat of element (m, c), given the three row base pointers.
+  inline void at(const scalar_t* dyr, const scalar_t* xr, const scalar_t* orow, int64_t c, acc_t* dz,
+                 acc_t* xhat) const {
+    const acc_t xv = static_cast<acc_t>(xr[c * lx.s_c]);
+    acc_t g = static_cast<acc_t>(dyr[c * ldy.s_c]);
+    if (relu) {
+      const bool active = out ? static_cast<acc_t>(orow[c * lo.s_c]) > acc_t(0)
+                              : bn_affine<acc_t>(xv, scale[c], shift[c]) > acc_t(0);
+      if (!active) g = acc_t(0);
+    }
+    *dz = g;
+    *xhat = (xv - mean[c]) * invstd[c];
+  }
+};
+
+template <typename scalar_t>
+at::Tensor backward_reduce_impl(const BackwardInputs<scalar_t>& in, at::ScalarType acc_dtype,
+                                const at::Device& device) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = in.lx.N * in.lx.HW, C = in.lx.C;
+  const int64_t P = ceil_div(M, kChunkRows);
+  std::vector<acc_t> partial(static_cast<size_t>(P * 2 * C));
+  at::parallel_for(0, P, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      acc_t* s_dz = partial.data() + p * 2 * C;
+      acc_t* s_dzx = s_dz + C;
+      const int64_t r_end = std::min(M, (p + 1) * kChunkRows);
+      for (int64_t m = p * kChunkRows; m < r_end; ++m) {
+        const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
+        const scalar_t* xr = in.x + row_offset(in.lx, m);
+        const scalar_t* orow = in.out ? in.out + row_offset(in.lo, m) : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t dz, xhat;
+          in.at(dyr, xr, orow, c, &dz, &xhat);
+          s_dz[c] += dz;
+          s_dzx[c] += dz * xhat;
+        }
+      }
+    }
+  });
+  at::Tensor sums = at::zeros({2, C}, at::TensorOptions().dtype(acc_dtype).device(device));
+  acc_t* sp = sums.data_ptr<acc_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t k = 0; k < 2 * C; ++k) sp[k] += partial[p * 2 * C + k];
+  }
+  return sums;
+}
+
+struct BackwardArgs {
+  at::Tensor grad_out, x, out, weight, bias, mean, invstd;
+};
+
+BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
+  check_apply_args(x, mean, invstd, weight, bias);
+  check_like(grad_out, x, "grad_out");
+  if (present(out)) check_like(*out, x, "out");
+  const auto acc = acc_type_of(x);
+  return {kernel_layout(grad_out),
+          kernel_layout(x),
+          present(out) ? kernel_layout(*out) : at::Tensor(),
+          channel_param(weight, acc),
+          channel_param(bias, acc),
+          mean.contiguous(),
+          invstd.contiguous()};
+}
+
+at::Tensor bn_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
+                                  bool relu) {
+  const BackwardArgs a = prepare_backward(grad_out, x, mean, invstd, weight, bias, out);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_backward_reduce_cpu", [&] {
+    BackwardInputs<scalar_t> in(a.grad_out, a.x, a.out, a.mean, a.invstd, a.weight, a.bias, relu);
+    return backward_reduce_impl<scalar_t>(in, acc_type_of(a.x), a.x.device());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& sums_in,
+    const c10::optional<at::Tensor>& count_in, bool relu, bool need_dz) {
+  const BackwardArgs a = prepare_backward(grad_out, x, mean, invstd, weight, bias, out);
+  const int64_t C = a.x.size(1);
+  const bool batch_stats = present(sums_in);
+  TORCH_CHECK(batch_stats == present(count_in), "fused_resnet: sums and count must be given together");
+  at::Tensor sums, count;
+  if (batch_stats) {
+    TORCH_CHECK(sums_in->dim() == 2 && sums_in->size(0) == 2 && sums_in->size(1) == C &&
+                    sums_in->scalar_type() == acc_type_of(a.x),
+                "fused_resnet: sums must be ", acc_type_of(a.x), " [2, ", C, "], got ", sums_in->scalar_type(),
+                " ", sums_in->sizes());
+    check_channel_vector(*count_in, C, a.x.device(), "count", at::kDouble);
+    sums = sums_in->contiguous();
+    count = count_in->contiguous();
+  }
+  at::Tensor dx = at::empty_like(a.x);
+  at::Tensor dz_out = need_dz ? at::empty_like(a.x) : at::empty({0}, a.x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_backward_elemt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardInputs<scalar_t> in(a.grad_out, a.x, a.out, a.mean, a.invstd, a.weight, a.bias, relu);
+    std::vector<acc_t> mean_dz(C, acc_t(0)), mean_dzx(C, acc_t(0));
+    if (batch_stats) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t inv_n = static_cast<acc_t>(1.0 / count.data_ptr<double>()[c]);
+        mean_dz[c] = sums.data_ptr<acc_t>()[c] * inv_n;
+        mean_dzx[c] = sums.data_ptr<acc_t>()[C + c] * inv_n;
+      }
+    }
+    const Layout ldx = layout_of(dx);
+    const Layout ldz = need_dz ? layout_of(dz_out) : ldx;
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* dzp = need_dz ? dz_out.data_ptr<scalar_t>() : nullptr;
+    const int64_t M = in.lx.N * in.lx.HW;
+    at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
+        const scalar_t* xr = in.x + row_offset(in.lx, m);
+        const scalar_t* orow = in.out ? in.out + row_offset(in.lo, m) : nullptr;
+        scalar_t* dxr = dxp + row_offset(ldx, m);
+        scalar_t* dzr = dzp ? dzp + row_offset(ldz, m) : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t dz, xhat;
+          in.at(dyr, xr, orow, c, &dz, &xhat);
+          const acc_t g = batch_stats ? bn_grad_input_train<acc_t>(dz, xhat, in.scale[c], mean_dz[c], mean_dzx[c])
+                                      : in.scale[c] * dz;
+          dxr[c * ldx.s_c] = static_cast<scalar_t>(g);
+          if (dzr) dzr[c * ldz.s_c] = static_cast<scalar_t>(dz);
+        }
+      }
+    });
+  });
+  return {dx, dz_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_act", &bn_act_cpu);
+  m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
+  m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
+}
+
+}  // namespace fused_resnet

@@ -1,0 +1,42 @@
+// The one list of fused_resnet's compiled operators. Implementations register per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*_ops.cpp (CUDA); fake (meta) kernels and autograd live in Python
+// (fused_resnet/ops/), so torch.compile sees every op without graph breaks.
+//
+// Contract (shared with the Triton and eager implementations, documented in fused_resnet/ops/batch_norm.py):
+//   x, residual, out, grad_out: N,C,H,W; any dense or sliced layout whose H and W dims merge (others are
+//   copied to their suggested memory format first); fp16, bf16, fp32 or fp64.
+//   Per-channel tensors (mean, invstd, sums): fp32, or fp64 when x is fp64. stats and count: fp64.
+//   weight / bias / running buffers: any floating dtype, read and accumulated in fp32 or better.
+#include <Python.h>
+#include <torch/library.h>
+
+// A stub module init so that `import fused_resnet._C` loads the library and runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_resnet_C, m) {
+  // Per-channel (count, sum x, sum x^2) as float64 [3, C]; accumulated in fp32 as centred partial sums.
+  m.def("bn_stats(Tensor x) -> Tensor");
+  // (mean, invstd) of `dtype` from stats; updates the running buffers in place when given
+  // (factor = momentum, or 1 / num_batches_tracked when momentum is None; running_var is unbiased).
+  m.def(
+      "bn_finalize(Tensor stats, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? num_batches_tracked, float? momentum, float eps, ScalarType dtype) -> (Tensor, Tensor)");
+  // y = relu?(x * scale + shift [+ residual]) in x's dtype and layout.
+  m.def(
+      "bn_act(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "bool relu) -> Tensor");
+  // [2, C]: (sum dz, sum dz * xhat). The ReLU mask is out > 0 when out is given, else recomputed from x.
+  m.def(
+      "bn_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor? bias, Tensor? out, bool relu) -> Tensor");
+  // (grad_input, dz). With sums and count: the batch-statistics gradient; without: scale * dz.
+  // dz (the gradient of a residual added before the ReLU) is written only when need_dz, else empty.
+  m.def(
+      "bn_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor? bias, Tensor? out, Tensor? sums, Tensor? count, bool relu, bool need_dz) -> (Tensor, Tensor)");
+}

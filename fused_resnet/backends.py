@@ -1,0 +1,156 @@
+"""Which implementation of the op contract runs: the one dispatch point.
+
+  triton  Triton kernels (fused_resnet/kernels). CUDA tensors; CPU tensors only under TRITON_INTERPRET=1.
+  cuda    CUDA C++ kernels of the compiled extension fused_resnet._C (csrc/cuda). CUDA tensors.
+  cpu     C++ CPU kernels of the compiled extension (csrc/cpu). CPU tensors.
+  eager   plain PyTorch ops (fused_resnet/reference.py). Any device, always available: the last fallback.
+
+A backend asked for explicitly (argument, module option, ``set_backend`` or the FUSED_RESNET_BACKEND
+environment variable) that cannot run raises ``BackendUnavailableError`` saying why. With no request, the
+first available one in ``AUTO_ORDER`` runs. Availability is computed once at import, so resolving a backend
+is plain dictionary work that torch.compile traces without graph breaks.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "eager")
+
+# Preference when no backend is requested. On CUDA, Triton goes first until benchmarks/RESULTS.md says
+# otherwise: both GPU paths are provisional until measured on the device.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")}
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the source tree (see README)"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or for these tensors."""
+
+
+def _probe_extension() -> tuple[bool, str, bool]:
+    """(loaded, reason if not, has CUDA kernels)."""
+    try:
+        importlib.import_module("fused_resnet._C")
+    except ImportError as exc:
+        return False, f"the compiled extension fused_resnet._C is not available ({exc}); {BUILD_HINT}", False
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet_C::bn_act", "CUDA")
+    return True, "", has_cuda
+
+
+_EXT_OK, _EXT_REASON, _EXT_HAS_CUDA = _probe_extension()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CUDA_AVAILABLE = torch.cuda.is_available()
+
+
+def _status(backend: str, device_type: str) -> tuple[bool, str]:
+    if backend == "eager":
+        return True, ""
+    if backend == "cpu":
+        if device_type != "cpu":
+            return False, f"the 'cpu' backend runs CPU tensors, these are on {device_type}"
+        return _EXT_OK, _EXT_REASON
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, f"the 'cuda' backend runs CUDA tensors, these are on {device_type}"
+        if not _EXT_OK:
+            return False, _EXT_REASON
+        if not _EXT_HAS_CUDA:
+            return False, ("fused_resnet._C was built without CUDA kernels (no CUDA toolkit or a CPU torch at "
+                           "build time); rebuild on a CUDA machine, FUSED_RESNET_CUDA=1 forces it")
+        return True, ""
+    if backend == "triton":
+        if not _TRITON_INSTALLED:
+            return False, "triton is not installed (pip install triton)"
+        if device_type == "cuda":
+            return (_CUDA_AVAILABLE, "" if _CUDA_AVAILABLE else "CUDA is not available")
+        if device_type == "cpu":
+            if TRITON_INTERPRET:
+                return True, ""
+            return False, "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
+        return False, f"Triton does not run {device_type} tensors"
+    return False, f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
+
+
+_STATUS = {(b, d): _status(b, d) for b in BACKENDS for d in ("cpu", "cuda")}
+
+
+def backend_status(backend: str, device: torch.device | str) -> tuple[bool, str]:
+    """(available, reason if not) of ``backend`` for tensors on ``device``."""
+    device_type = torch.device(device).type
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return _STATUS.get((backend, device_type)) or _status(backend, device_type)
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    return [b for b in BACKENDS if backend_status(b, device)[0]]
+
+
+def _env_backend() -> str | None:
+    name = os.environ.get("FUSED_RESNET_BACKEND", "").strip().lower() or None
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"FUSED_RESNET_BACKEND={name!r} is not one of auto, {', '.join(BACKENDS)}")
+    return None if name == "auto" else name
+
+
+_default_backend: str | None = _env_backend()
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend (``None`` or ``"auto"``: the fastest available per device)."""
+    global _default_backend
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    _default_backend = None if name == "auto" else name
+
+
+def get_backend() -> str | None:
+    """The process-wide backend request (``None``: automatic)."""
+    return _default_backend
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``: ``backend``, else the global request, else auto."""
+    name = backend if backend is not None else _default_backend
+    if name is None or name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("eager",)):
+            if _STATUS.get((candidate, device.type), (False, ""))[0]:
+                return candidate
+        return "eager"
+    ok, reason = backend_status(name, device)
+    if not ok:
+        raise BackendUnavailableError(f"fused_resnet backend {name!r} is not available: {reason}")
+    return name
+
+
+def implementation(backend: str) -> ModuleType:
+    """The object whose bn_* functions implement the contract for ``backend`` (same names and signatures)."""
+    if backend == "triton":
+        return importlib.import_module("fused_resnet.kernels.batch_norm")
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fused_resnet_C
+    if backend == "eager":
+        return importlib.import_module("fused_resnet.reference")
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def build_info() -> dict:
+    """What this installation can run, for bug reports and the CLI."""
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": _CUDA_AVAILABLE,
+        "extension": _EXT_OK,
+        "extension_error": _EXT_REASON or None,
+        "extension_cuda_kernels": _EXT_HAS_CUDA,
+        "triton_installed": _TRITON_INSTALLED,
+        "triton_interpret": TRITON_INTERPRET,
+        "available": {d: available_backends(d) for d in ("cpu", "cuda")},
+        "default": _default_backend or "auto",
+    }

@@ -1,0 +1,299 @@
+"""The fused BatchNorm family: op contract, custom-op registration, autograd and the functional API.
+
+Contract (identical for every implementation: Triton ``fused_resnet/kernels/batch_norm.py``, CUDA
+``csrc/cuda``, C++ CPU ``csrc/cpu``, eager ``fused_resnet/reference.py``; one channel c over its n = N*H*W
+elements; acc = float32, or float64 for float64 activations):
+
+  bn_stats(x) -> float64 [3, C]               (n, sum x, sum x^2), accumulated in acc as centred partial
+                                              sums (Welford / Chan), so mean 1e4 / std 1 in fp32 is exact
+                                              to rounding; raw float64 sums add up under an all-reduce.
+  bn_finalize(stats, running_mean?, running_var?, num_batches_tracked?, momentum?, eps, dtype)
+      -> (mean, invstd) of dtype              updates the running buffers in place like nn.BatchNorm2d
+                                              (unbiased running_var; momentum=None: factor 1/num_batches).
+  bn_act(x, mean, invstd, weight?, bias?, residual?, relu) -> y
+                                              y = relu?(x * scale + shift [+ residual]) in x's dtype,
+                                              scale = weight * invstd, shift = bias - mean * scale.
+  bn_backward_reduce(dy, x, mean, invstd, weight?, bias?, out?, relu) -> acc [2, C]
+                                              (sum dz, sum dz * xhat), dz = dy * [relu mask],
+                                              xhat = (x - mean) * invstd. The mask is out > 0 when the
+                                              output was saved, else recomputed from x.
+  bn_backward_elemt(dy, x, mean, invstd, weight?, bias?, out?, sums?, count?, relu, need_dz) -> (dx, dz)
+                                              batch statistics (sums and count given):
+                                              dx = scale * (dz - sum dz / n - xhat * sum(dz xhat) / n);
+                                              running statistics: dx = scale * dz. dz only if need_dz.
+
+Each op is a ``torch.library.custom_op`` in the ``fused_resnet`` namespace with a ``backend`` argument
+(resolved once, in the functional API, by ``fused_resnet.backends``), a fake kernel for torch.compile and,
+for ``bn_act``, an autograd formula. What backward saves: x (the pre-BN tensor), the per-channel mean and
+invstd, the parameters, and the output only when a residual enters before the ReLU (its mask cannot be
+recomputed from x alone; in a ResNet that output is the next block's input, which the next convolution
+saves anyway). Eager BN + ReLU saves x and the ReLU output: one activation-sized tensor more.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .layout import SUPPORTED_DTYPES, acc_dtype_of, kernel_layout
+
+
+def _impl(backend: str):
+    return backends.implementation(backend)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops (the contract). Fake kernels allocate exactly what the real ones return.
+
+
+def _empty_act(x: Tensor) -> Tensor:
+    return torch.empty_like(kernel_layout(x))
+
+
+@torch.library.custom_op("fused_resnet::bn_stats", mutates_args=())
+def bn_stats(x: Tensor, backend: str) -> Tensor:
+    return _impl(backend).bn_stats(x)
+
+
+@bn_stats.register_fake
+def _(x, backend):
+    return x.new_empty((3, x.shape[1]), dtype=torch.float64)
+
+
+@torch.library.custom_op("fused_resnet::bn_finalize", mutates_args=("running_mean", "running_var"))
+def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                      dtype)
+
+
+@bn_finalize.register_fake
+def _(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype, backend):
+    c = stats.shape[1]
+    return stats.new_empty((c,), dtype=dtype), stats.new_empty((c,), dtype=dtype)
+
+
+@torch.library.custom_op("fused_resnet::bn_act", mutates_args=())
+def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           residual: Optional[Tensor], count: Optional[Tensor], relu: bool, backend: str,
+           group_name: Optional[str]) -> Tensor:
+    """Forward apply. ``count`` (float64 [C], given iff mean/invstd are x's batch statistics) and
+    ``group_name`` (process group the statistics were all-reduced over) only shape the backward."""
+    return _impl(backend).bn_act(x, mean, invstd, weight, bias, residual, relu)
+
+
+@bn_act.register_fake
+def _(x, mean, invstd, weight, bias, residual, count, relu, backend, group_name):
+    return _empty_act(x)
+
+
+@torch.library.custom_op("fused_resnet::bn_backward_reduce", mutates_args=())
+def bn_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], out: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    return _impl(backend).bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, out, relu)
+
+
+@bn_backward_reduce.register_fake
+def _(grad_out, x, mean, invstd, weight, bias, out, relu, backend):
+    return mean.new_empty((2, x.shape[1]))
+
+
+@torch.library.custom_op("fused_resnet::bn_backward_elemt", mutates_args=())
+def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                      bias: Optional[Tensor], out: Optional[Tensor], sums: Optional[Tensor],
+                      count: Optional[Tensor], relu: bool, need_dz: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu,
+                                            need_dz)
+
+
+@bn_backward_elemt.register_fake
+def _(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz, backend):
+    return _empty_act(x), (_empty_act(x) if need_dz else x.new_empty((0,)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd of bn_act: one reduction pass and one elementwise pass, recomputing xhat and the ReLU mask.
+
+
+def _bn_act_setup_context(ctx, inputs, output):
+    x, mean, invstd, weight, bias, residual, count, relu, backend, group_name = inputs
+    # The output is needed only for the mask of a ReLU that follows a residual add.
+    out = output if (relu and residual is not None) else None
+    ctx.save_for_backward(x, mean, invstd, weight, bias, count, out)
+    ctx.relu, ctx.backend, ctx.group_name = relu, backend, group_name
+    ctx.has_residual = residual is not None
+
+
+def _all_reduce_sum(t: Tensor, group_name: str) -> Tensor:
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
+
+
+def _bn_act_backward(ctx, grad):
+    x, mean, invstd, weight, bias, count, out = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+    relu, backend = ctx.relu, ctx.backend
+    batch_stats = count is not None
+    grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    grad_x = grad_w = grad_b = grad_r = None
+
+    sums = None
+    if need_w or need_b or (need_x and batch_stats):
+        sums = bn_backward_reduce(grad, x, mean, invstd, weight, bias, out, relu, backend)
+        if need_w:
+            grad_w = sums[1].to(weight.dtype)
+        if need_b:
+            grad_b = sums[0].to(bias.dtype)
+    dz_for_residual = need_r and relu
+    if need_x:
+        if batch_stats and ctx.group_name is not None:
+            sums = _all_reduce_sum(sums, ctx.group_name)  # the gradient of globally shared statistics
+        grad_x, dz = bn_backward_elemt(grad, x, mean, invstd, weight, bias, out,
+                                       sums if batch_stats else None, count if batch_stats else None,
+                                       relu, dz_for_residual, backend)
+        if dz_for_residual:
+            grad_r = dz
+    elif dz_for_residual:
+        grad_r = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    if need_r and not relu:
+        grad_r = grad
+    return grad_x, None, None, grad_w, grad_b, grad_r, None, None, None, None
+
+
+bn_act.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional API
+
+
+def _check_channel_vector(t: Optional[Tensor], name: str, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fused_resnet: {name} must be a Tensor or None, got {type(t).__name__}")
+    c = x.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(f"fused_resnet: {name} should contain {c} elements (one per channel of the input "
+                         f"{tuple(x.shape)}), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"fused_resnet: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"fused_resnet: {name} is on {t.device} but the input is on {x.device}")
+
+
+def _check_inputs(x, running_mean, running_var, weight, bias, residual, num_batches_tracked) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fused_resnet: input must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fused_resnet: input dtype {x.dtype} is not supported; use float16, bfloat16, "
+                        "float32 or float64")
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"),
+                    (bias, "bias")):
+        _check_channel_vector(t, name, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fused_resnet: running_mean and running_var must be given together")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"fused_resnet: residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"fused_resnet: residual has shape {tuple(residual.shape)} but the input has "
+                             f"{tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fused_resnet: residual dtype {residual.dtype} differs from the input's {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"fused_resnet: residual is on {residual.device} but the input is on {x.device}")
+    if num_batches_tracked is not None and num_batches_tracked.device != x.device:
+        raise ValueError(f"fused_resnet: num_batches_tracked is on {num_batches_tracked.device} but the input "
+                         f"is on {x.device}")
+
+
+def _contiguous_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+                         relu):
+    """nn.functional semantics, for the inputs the kernels need not see (empty tensors)."""
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                       0.0 if momentum is None else momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def batch_norm_stats(x: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Per-channel (count, sum, sum of squares) as float64 [3, C]: the all-reducible batch statistics."""
+    _check_inputs(x, None, None, None, None, None, None)
+    return bn_stats(x.detach(), backends.resolve(backend, x.device))
+
+
+def batch_norm_finalize(stats: Tensor, running_mean: Optional[Tensor] = None,
+                        running_var: Optional[Tensor] = None, num_batches_tracked: Optional[Tensor] = None,
+                        momentum: Optional[float] = 0.1, eps: float = 1e-5, dtype: torch.dtype = torch.float32,
+                        backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) from ``batch_norm_stats``; updates the running buffers when given."""
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("fused_resnet: momentum=None (cumulative moving average) needs num_batches_tracked")
+    return bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype,
+                       backends.resolve(backend, stats.device))
+
+
+def batch_norm_act(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    num_batches_tracked: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    process_group=None,
+) -> Tensor:
+    """``relu?(batch_norm(x) [+ residual])`` with ``torch.nn.functional.batch_norm``'s arguments.
+
+    training: normalise with the batch statistics and update the running buffers (when given) like
+    ``nn.BatchNorm2d``; ``momentum=None`` takes the cumulative average over ``num_batches_tracked`` (which
+    the caller has already incremented, as ``nn.BatchNorm2d`` does). Otherwise normalise with the running
+    buffers. ``process_group``: all-reduce the statistics (and their gradients) over it (synchronized BN).
+    """
+    _check_inputs(x, running_mean, running_var, weight, bias, residual, num_batches_tracked)
+    if not training and running_mean is None:
+        raise ValueError("fused_resnet: running_mean and running_var are required when training=False")
+    if training and process_group is None and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("fused_resnet: momentum=None (cumulative moving average) needs num_batches_tracked")
+    backend = backends.resolve(backend, x.device)
+    if x.numel() == 0:
+        return _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    residual, relu)
+    acc = acc_dtype_of(x)
+    weight, bias = _contiguous_or_none(weight), _contiguous_or_none(bias)
+
+    if training:
+        stats = bn_stats(x.detach(), backend)
+        group_name = None
+        if process_group is not None:
+            group_name = process_group.group_name
+            stats = _all_reduce_sum(stats, group_name)
+        mean, invstd = bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, acc,
+                                   backend)
+        count = stats[0]
+    else:
+        with torch.no_grad():
+            # copies: backward must not see later in-place updates of the buffers
+            mean = running_mean.to(acc, copy=True).contiguous()
+            invstd = torch.rsqrt(running_var.to(acc) + eps).contiguous()
+        count, group_name = None, None
+    return bn_act(x, mean, invstd, weight, bias, residual, count, relu, backend, group_name)

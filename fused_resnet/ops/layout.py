@@ -1,0 +1,36 @@
+"""Memory-layout rules shared by every implementation and by the fake (meta) kernels.
+
+The kernels address an N,C,H,W tensor as rows x channels: row m = n*HW + hw, element (m, c) at
+``n*s_n + c*s_c + hw*s_hw``. That covers contiguous (s_hw = 1), channels_last (s_c = 1), slices along N, C
+and H, and expanded (stride-0) tensors. Only tensors whose H and W dims cannot merge (a slice along W, an
+NWHC permutation) are copied first, to their suggested memory format. Outputs are ``empty_like`` of the
+input after that step, so they keep a dense version of its layout. csrc/common/tensor_utils.h mirrors this.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def hw_mergeable(t: torch.Tensor) -> bool:
+    return t.size(2) == 1 or t.size(3) == 1 or t.stride(2) == t.size(3) * t.stride(3)
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the kernels can index it, else a copy in its suggested memory format."""
+    return t if hw_mergeable(t) else t.contiguous(memory_format=suggest_memory_format(t))
+
+
+def geometry(t: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(s_n, s_c, s_hw, rows_merged) of a tensor in kernel layout (see module docstring)."""
+    n, _, h, w = t.shape
+    s_hw = t.stride(2) if w == 1 else t.stride(3)
+    rows_merged = n <= 1 or t.stride(0) == h * w * s_hw
+    return t.stride(0), t.stride(1), s_hw, rows_merged
+
+
+def acc_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """Accumulation / per-channel dtype: float64 for float64 activations, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,107 @@
+"""Eager PyTorch implementations of the op contract: plain and obviously right.
+
+They are the last fallback on any device and the reference the kernels are read against. Each function has
+the signature of its compiled twin in csrc/ops.cpp (and of fused_resnet/kernels/batch_norm.py). Arithmetic is
+in the accumulation dtype (fp32, fp64 for fp64 inputs); outputs are allocated like the kernels' (see
+fused_resnet/ops/layout.py) so every backend returns identical strides.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops.layout import acc_dtype_of, kernel_layout
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _scale_shift(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -(mean * scale) if bias is None else bias.to(invstd.dtype) - mean * scale
+    return scale, shift
+
+
+def _like(x: Tensor, value: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    out.copy_(value)
+    return out
+
+
+def bn_stats(x: Tensor) -> Tensor:
+    """float64 [3, C]: (count, sum x, sum x^2) per channel, from torch's own (Welford) var_mean."""
+    n, c = x.shape[0] * x.shape[2] * x.shape[3], x.shape[1]
+    stats = torch.zeros((3, c), dtype=torch.float64, device=x.device)
+    if n == 0:
+        return stats
+    var, mean = torch.var_mean(x.to(acc_dtype_of(x)), dim=(0, 2, 3), correction=0)
+    mean, var = mean.double(), var.double()
+    stats[0] = n
+    stats[1] = n * mean
+    stats[2] = n * (var + mean * mean)
+    return stats
+
+
+def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    n, total, total_sq = stats.double()
+    mean = total / n
+    var = (total_sq / n - mean * mean).clamp_min(0.0)
+    invstd = torch.rsqrt(var + eps)
+    if running_mean is not None:
+        factor = momentum if momentum is not None else 1.0 / num_batches_tracked.double()
+        running_mean.copy_((1.0 - factor) * running_mean.double() + factor * mean)
+        running_var.copy_((1.0 - factor) * running_var.double() + factor * var * n / (n - 1.0))
+    return mean.to(dtype), invstd.to(dtype)
+
+
+def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           residual: Optional[Tensor], relu: bool) -> Tensor:
+    x = kernel_layout(x)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    z = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        z = z + residual.to(scale.dtype)
+    if relu:
+        z = torch.relu(z)
+    return _like(x, z)
+
+
+def _dz_xhat(grad_out, x, mean, invstd, weight, bias, out, relu):
+    acc = mean.dtype
+    xa = x.to(acc)
+    dz = grad_out.to(acc)
+    if relu:
+        if out is not None:
+            active = out > 0
+        else:
+            scale, shift = _scale_shift(mean, invstd, weight, bias)
+            active = xa * _per_channel(scale) + _per_channel(shift) > 0
+        dz = torch.where(active, dz, torch.zeros((), dtype=acc, device=dz.device))
+    xhat = (xa - _per_channel(mean)) * _per_channel(invstd)
+    return dz, xhat
+
+
+def bn_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tensor:
+    dz, xhat = _dz_xhat(grad_out, x, mean, invstd, weight, bias, out, relu)
+    return torch.stack([dz.sum(dim=(0, 2, 3)), (dz * xhat).sum(dim=(0, 2, 3))])
+
+
+def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                      bias: Optional[Tensor], out: Optional[Tensor], sums: Optional[Tensor],
+                      count: Optional[Tensor], relu: bool, need_dz: bool) -> tuple[Tensor, Tensor]:
+    x = kernel_layout(x)
+    dz, xhat = _dz_xhat(grad_out, x, mean, invstd, weight, bias, out, relu)
+    scale, _ = _scale_shift(mean, invstd, weight, bias)
+    if sums is not None:
+        inv_n = (1.0 / count).to(mean.dtype)
+        grad = _per_channel(scale) * (dz - _per_channel(sums[0] * inv_n) - xhat * _per_channel(sums[1] * inv_n))
+    else:
+        grad = _per_channel(scale) * dz
+    dz_out = _like(x, dz) if need_dz else x.new_empty((0,))
+    return _like(x, grad), dz_out

@@ -1,0 +1,84 @@
+"""Builds one extension, fused_resnet._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit
+and a CUDA-enabled torch are present (decided on CUDA_HOME / torch.version.cuda, never on a visible GPU).
+
+Environment switches:
+  FUSED_RESNET_CUDA=auto|0|1   auto (default): build CUDA when possible; 0: never; 1: require it (error if
+                               the toolkit or a CUDA torch is missing).
+  MAX_JOBS                     parallel compile jobs; defaults to half the cores, capped by memory (nvcc
+                               needs ~2-3 GB per job), so a 2-core machine compiles one file at a time.
+  TORCH_CUDA_ARCH_LIST         CUDA targets; defaults to the visible GPU, else "8.0;9.0".
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - build-environment guard
+    sys.exit(
+        "fused_resnet: torch must be installed before building, and the build must see it:\n"
+        "  pip install torch==2.13.0            # CPU machine; a GPU machine keeps its CUDA torch\n"
+        "  pip install --no-build-isolation -e ."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8
+    return str(max(1, min(cores // 2, int(mem_gib // 3))))
+
+
+def _cuda_build_decision():
+    mode = os.environ.get("FUSED_RESNET_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"fused_resnet: FUSED_RESNET_CUDA must be auto, 0 or 1, got {mode!r}")
+    missing = []
+    if CUDA_HOME is None:
+        missing.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU build")
+    if mode == "0":
+        return False, "FUSED_RESNET_CUDA=0"
+    if mode == "1" and missing:
+        sys.exit("fused_resnet: FUSED_RESNET_CUDA=1 but " + "; ".join(missing))
+    return not missing, "; ".join(missing) or "toolkit and CUDA torch found"
+
+
+def _extension():
+    with_cuda, reason = _cuda_build_decision()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    print(f"fused_resnet: building CUDA kernels: {with_cuda} ({reason})", file=sys.stderr)
+    if not with_cuda:
+        return CppExtension(
+            "fused_resnet._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+        )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    return CUDAExtension(
+        "fused_resnet._C", sources, include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": cxx_flags + ["-DFUSED_RESNET_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "-DFUSED_RESNET_WITH_CUDA"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+
+
+os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
