@@ -21,9 +21,9 @@ from .ops import batch_norm_act, batch_norm_finalize, batch_norm_stats
 
 __version__ = "0.1.0"
 
-if not backends._EXT_OK:
+if not backends.extension_loaded():
     warnings.warn(
-        f"fused_resnet: {backends._EXT_REASON}. Falling back to Triton (CUDA tensors) and eager PyTorch.",
+        f"fused_resnet: {backends.backend_status('cpu', 'cpu')[1]}. Falling back to Triton (CUDA tensors) and eager PyTorch.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -48,6 +48,11 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CUDA_AVAILABLE = torch.cuda.is_available()
 
 
+def extension_loaded() -> bool:
+    """Whether the compiled extension fused_resnet._C imported (its ops are then registered)."""
+    return _EXT_OK
+
+
 def _status(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "eager":
         return True, ""

@@ -45,11 +45,44 @@ def _impl(backend: str):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Custom ops (the contract). Fake kernels allocate exactly what the real ones return.
+# Fake (meta) kernels: allocate exactly what every implementation returns. They serve the contract ops below
+# and, with the same signatures minus ``backend``, the compiled ops torch.ops.fused_resnet_C.*.
 
 
 def _empty_act(x: Tensor) -> Tensor:
     return torch.empty_like(kernel_layout(x))
+
+
+def _fake_stats(x):
+    return x.new_empty((3, x.shape[1]), dtype=torch.float64)
+
+
+def _fake_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype):
+    c = stats.shape[1]
+    return stats.new_empty((c,), dtype=dtype), stats.new_empty((c,), dtype=dtype)
+
+
+def _fake_act(x, mean, invstd, weight, bias, residual, relu):
+    return _empty_act(x)
+
+
+def _fake_backward_reduce(grad_out, x, mean, invstd, weight, bias, out, relu):
+    return mean.new_empty((2, x.shape[1]))
+
+
+def _fake_backward_elemt(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz):
+    return _empty_act(x), (_empty_act(x) if need_dz else x.new_empty((0,)))
+
+
+if backends.extension_loaded():
+    for _name, _fake in (("bn_stats", _fake_stats), ("bn_finalize", _fake_finalize), ("bn_act", _fake_act),
+                         ("bn_backward_reduce", _fake_backward_reduce),
+                         ("bn_backward_elemt", _fake_backward_elemt)):
+        torch.library.register_fake(f"fused_resnet_C::{_name}", _fake)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops (the contract)
 
 
 @torch.library.custom_op("fused_resnet::bn_stats", mutates_args=())
@@ -59,7 +92,7 @@ def bn_stats(x: Tensor, backend: str) -> Tensor:
 
 @bn_stats.register_fake
 def _(x, backend):
-    return x.new_empty((3, x.shape[1]), dtype=torch.float64)
+    return _fake_stats(x)
 
 
 @torch.library.custom_op("fused_resnet::bn_finalize", mutates_args=("running_mean", "running_var"))
@@ -72,8 +105,7 @@ def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Opti
 
 @bn_finalize.register_fake
 def _(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype, backend):
-    c = stats.shape[1]
-    return stats.new_empty((c,), dtype=dtype), stats.new_empty((c,), dtype=dtype)
+    return _fake_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype)
 
 
 @torch.library.custom_op("fused_resnet::bn_act", mutates_args=())
@@ -87,7 +119,7 @@ def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bi
 
 @bn_act.register_fake
 def _(x, mean, invstd, weight, bias, residual, count, relu, backend, group_name):
-    return _empty_act(x)
+    return _fake_act(x, mean, invstd, weight, bias, residual, relu)
 
 
 @torch.library.custom_op("fused_resnet::bn_backward_reduce", mutates_args=())
@@ -98,7 +130,7 @@ def bn_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor
 
 @bn_backward_reduce.register_fake
 def _(grad_out, x, mean, invstd, weight, bias, out, relu, backend):
-    return mean.new_empty((2, x.shape[1]))
+    return _fake_backward_reduce(grad_out, x, mean, invstd, weight, bias, out, relu)
 
 
 @torch.library.custom_op("fused_resnet::bn_backward_elemt", mutates_args=())
@@ -111,7 +143,7 @@ def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
 
 @bn_backward_elemt.register_fake
 def _(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz, backend):
-    return _empty_act(x), (_empty_act(x) if need_dz else x.new_empty((0,)))
+    return _fake_backward_elemt(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz)
 
 
 # ---------------------------------------------------------------------------------------------------------

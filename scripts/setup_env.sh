@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent environment setup, sourced by scripts/demo.sh and scripts/test.sh:
+#   - torch: kept if importable (a GPU machine keeps its CUDA build); else the CPU pin torch==2.13.0
+#     (an unpinned torch pulls the multi-GB CUDA build);
+#   - the other dependencies, only those missing;
+#   - fused_resnet._C, built without build isolation (the build must see the installed torch), and only
+#     when it is missing or older than its sources.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+cd "$ROOT"
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch==2.13.0 (CPU build)"
+  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+
+missing=$("$PYTHON" - <<'PY'
+import importlib.util
+wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "pybind11",
+          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
+print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "[setup] installing: $missing"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install --quiet $missing
+fi
+
+needs_build=$("$PYTHON" - "$ROOT" <<'PY'
+import glob, os, subprocess, sys
+root = sys.argv[1]
+libs = glob.glob(os.path.join(root, "fused_resnet", "_C*.so"))
+sources = glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True) + [os.path.join(root, "setup.py")]
+stale = not libs or max(map(os.path.getmtime, sources)) > min(map(os.path.getmtime, libs))
+# The package must also resolve to this checkout (an editable install of it), from any directory.
+where = subprocess.run([sys.executable, "-c", "import fused_resnet, os; print(os.path.dirname(fused_resnet.__file__))"],
+                       capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONWARNINGS": "ignore"})
+installed_here = where.returncode == 0 and os.path.samefile(where.stdout.strip().splitlines()[-1],
+                                                             os.path.join(root, "fused_resnet"))
+print("yes" if stale or not installed_here else "no")
+PY
+)
+if [ "$needs_build" = "yes" ]; then
+  echo "[setup] building fused_resnet._C (pip install --no-build-isolation --no-deps -e .)"
+  "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps -e .
+else
+  echo "[setup] fused_resnet._C is up to date"
+fi

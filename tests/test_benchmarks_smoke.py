@@ -1,0 +1,22 @@
+"""The benchmark harness runs (tiny sizes, any device), so it cannot rot between GPU sessions.
+It measures nothing: speed lives in benchmarks/, figures in benchmarks/RESULTS.md."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_microbenchmark_harness_smoke(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_batch_norm.py", "--smoke", "-q", "-p",
+           "no:cacheprovider", "-k", "layer4.bn3", "--providers", "triton,cpu,eager", "--results-json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "fused BatchNorm microbenchmarks" in result.stdout
+    data = json.loads(out.read_text())
+    passes = {(r["provider"], r["direction"]) for r in data["results"]}
+    assert ("eager", "fwd") in passes and ("eager", "bwd") in passes
+    assert all(r["us"] > 0 and r["gbps"] > 0 for r in data["results"])
+    assert data["copy_bytes_per_s"] > 0
