@@ -223,3 +223,33 @@ def test_empty_batch_matches_eager(backend_device):
     assert outs[0][0] == outs[1][0] == x.shape
     for a, b in zip(outs[0][1:], outs[1][1:]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("backend_device", backend_device_params())
+def test_autocast_conv_bn_relu(backend_device, dtype):
+    """The autocast case: a convolution under torch.autocast hands a half-precision activation to a module
+    whose parameters and buffers stay fp32; output in the activation dtype, grads match eager."""
+    backend, device = backend_device
+    skip_unsupported(backend, device, dtype)
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast runs convolutions in bf16 only")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False).to(device)
+    fused = BatchNormAct2d(16, fuse_relu=True, backend=backend).to(device)
+    eager = torch.nn.BatchNorm2d(16).to(device)
+    x = make_input((4, 3, 10, 10), torch.float32, device, torch.channels_last)
+    results = []
+    for module in (fused, eager):
+        conv.zero_grad()
+        with torch.autocast(device_type=device, dtype=dtype):
+            h = conv(x)
+            y = module(h) if module is fused else torch.relu(module(h))
+        assert h.dtype == dtype and y.dtype == dtype
+        y.float().square().sum().backward()
+        results.append((y.float(), conv.weight.grad.clone(), module.weight.grad, module.running_var))
+    assert fused.weight.dtype == fused.running_mean.dtype == torch.float32
+    for name, a, b in zip(("y", "conv.weight.grad", "bn.weight.grad", "running_var"), *results):
+        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= tol, f"{name}: relative difference to eager {err:.2e} > {tol}"
