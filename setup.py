@@ -10,6 +10,7 @@ Environment switches:
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -36,12 +37,26 @@ def _default_max_jobs() -> str:
     return str(max(1, min(cores // 2, int(mem_gib // 3))))
 
 
+def _find_cuda_toolkit():
+    """The CUDA toolkit root, looked up independently of torch (whose CUDA_HOME is None on a CPU build)."""
+    if CUDA_HOME is not None:
+        return CUDA_HOME
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
 def _cuda_build_decision():
     mode = os.environ.get("FUSED_RESNET_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         sys.exit(f"fused_resnet: FUSED_RESNET_CUDA must be auto, 0 or 1, got {mode!r}")
     missing = []
-    if CUDA_HOME is None:
+    if _find_cuda_toolkit() is None:
         missing.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
     if torch.version.cuda is None:
         missing.append(f"torch {torch.__version__} is a CPU build")

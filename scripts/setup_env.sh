@@ -18,14 +18,19 @@ fi
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
 wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "pybind11",
-          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
-print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
+          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel"}
+missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
+# Without build isolation the build uses the installed setuptools; editable installs need >= 64.
+import setuptools
+if int(setuptools.__version__.split(".")[0]) < 64:
+    missing.append("setuptools>=64")
+print(" ".join(missing))
 PY
 )
 if [ -n "$missing" ]; then
   echo "[setup] installing: $missing"
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --quiet $missing
+  "$PYTHON" -m pip install --quiet --upgrade $missing
 fi
 
 needs_build=$("$PYTHON" - "$ROOT" <<'PY'
