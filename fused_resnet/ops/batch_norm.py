@@ -165,14 +165,15 @@ def _all_reduce_sum(t: Tensor, group_name: str) -> Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
 
 
-def _bn_act_backward(ctx, grad):
-    x, mean, invstd, weight, bias, count, out = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-    relu, backend = ctx.relu, ctx.backend
+def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend, group_name,
+                 need_x, need_w, need_b, need_r):
+    """Gradients of y = relu?(bn(x) [+ residual]) from grad = dL/dy: (grad_x, grad_weight, grad_bias,
+    grad_residual), each None when not needed. One reduction pass (skipped when only grad_x is needed with
+    running statistics) and one elementwise pass. With batch statistics (``count`` given) grad_x includes
+    their dependence on x; ``group_name`` all-reduces the reduction first (synchronized BN)."""
     batch_stats = count is not None
     grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     grad_x = grad_w = grad_b = grad_r = None
-
     sums = None
     if need_w or need_b or (need_x and batch_stats):
         sums = bn_backward_reduce(grad, x, mean, invstd, weight, bias, out, relu, backend)
@@ -182,8 +183,8 @@ def _bn_act_backward(ctx, grad):
             grad_b = sums[0].to(bias.dtype)
     dz_for_residual = need_r and relu
     if need_x:
-        if batch_stats and ctx.group_name is not None:
-            sums = _all_reduce_sum(sums, ctx.group_name)  # the gradient of globally shared statistics
+        if batch_stats and group_name is not None:
+            sums = _all_reduce_sum(sums, group_name)  # the gradient of globally shared statistics
         grad_x, dz = bn_backward_elemt(grad, x, mean, invstd, weight, bias, out,
                                        sums if batch_stats else None, count if batch_stats else None,
                                        relu, dz_for_residual, backend)
@@ -193,6 +194,14 @@ def _bn_act_backward(ctx, grad):
         grad_r = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     if need_r and not relu:
         grad_r = grad
+    return grad_x, grad_w, grad_b, grad_r
+
+
+def _bn_act_backward(ctx, grad):
+    x, mean, invstd, weight, bias, count, out = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+    grad_x, grad_w, grad_b, grad_r = bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, ctx.relu,
+                                                  ctx.backend, ctx.group_name, need_x, need_w, need_b, need_r)
     return grad_x, None, None, grad_w, grad_b, grad_r, None, None, None, None
 
 
@@ -277,6 +286,38 @@ def batch_norm_finalize(stats: Tensor, running_mean: Optional[Tensor] = None,
                        backends.resolve(backend, stats.device))
 
 
+def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
+                           num_batches_tracked, process_group):
+    _check_inputs(x, running_mean, running_var, weight, bias, residual, num_batches_tracked)
+    if not training and running_mean is None:
+        raise ValueError("fused_resnet: running_mean and running_var are required when training=False")
+    if training and process_group is None and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("fused_resnet: momentum=None (cumulative moving average) needs num_batches_tracked")
+
+
+def normalization_statistics(x, running_mean, running_var, training, momentum, eps, num_batches_tracked, backend,
+                             process_group=None):
+    """(mean, invstd, count, group_name) that normalise x: its batch statistics when training (updating the
+    running buffers; all-reduced over ``process_group`` when given), else the running ones (count None)."""
+    acc = acc_dtype_of(x)
+    if training:
+        stats = bn_stats(x.detach(), backend)
+        group_name = None
+        if process_group is not None:
+            group_name = process_group.group_name
+            stats = _all_reduce_sum(stats, group_name)
+        mean, invstd = bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, acc,
+                                   backend)
+        return mean, invstd, stats[0], group_name
+    with torch.no_grad():
+        # copies: backward must not see later in-place updates of the buffers
+        mean = running_mean.to(acc, copy=True).contiguous()
+        invstd = torch.rsqrt(running_var.to(acc) + eps).contiguous()
+    return mean, invstd, None, None
+
+
 def batch_norm_act(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -299,33 +340,13 @@ def batch_norm_act(
     the caller has already incremented, as ``nn.BatchNorm2d`` does). Otherwise normalise with the running
     buffers. ``process_group``: all-reduce the statistics (and their gradients) over it (synchronized BN).
     """
-    _check_inputs(x, running_mean, running_var, weight, bias, residual, num_batches_tracked)
-    if not training and running_mean is None:
-        raise ValueError("fused_resnet: running_mean and running_var are required when training=False")
-    if training and process_group is None and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError("fused_resnet: momentum=None (cumulative moving average) needs num_batches_tracked")
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
+                           num_batches_tracked, process_group)
     backend = backends.resolve(backend, x.device)
     if x.numel() == 0:
         return _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                     residual, relu)
-    acc = acc_dtype_of(x)
-    weight, bias = _contiguous_or_none(weight), _contiguous_or_none(bias)
-
-    if training:
-        stats = bn_stats(x.detach(), backend)
-        group_name = None
-        if process_group is not None:
-            group_name = process_group.group_name
-            stats = _all_reduce_sum(stats, group_name)
-        mean, invstd = bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, acc,
-                                   backend)
-        count = stats[0]
-    else:
-        with torch.no_grad():
-            # copies: backward must not see later in-place updates of the buffers
-            mean = running_mean.to(acc, copy=True).contiguous()
-            invstd = torch.rsqrt(running_var.to(acc) + eps).contiguous()
-        count, group_name = None, None
-    return bn_act(x, mean, invstd, weight, bias, residual, count, relu, backend, group_name)
+    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
+                                                               eps, num_batches_tracked, backend, process_group)
+    return bn_act(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), residual, count, relu,
+                  backend, group_name)
