@@ -19,10 +19,15 @@ def _per_channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _scale_shift(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+def _scale_bias(invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -(mean * scale) if bias is None else bias.to(invstd.dtype) - mean * scale
-    return scale, shift
+    beta = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
+    return scale, beta
+
+
+def _bn_affine(x: Tensor, mean: Tensor, scale: Tensor, beta: Tensor) -> Tensor:
+    """(x - mean) * scale + bias, the mean subtracted first (see csrc/common/bn_math.h)."""
+    return (x - _per_channel(mean)) * _per_channel(scale) + _per_channel(beta)
 
 
 def _like(x: Tensor, value: Tensor) -> Tensor:
@@ -62,8 +67,8 @@ def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Opti
 def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
            residual: Optional[Tensor], relu: bool) -> Tensor:
     x = kernel_layout(x)
-    scale, shift = _scale_shift(mean, invstd, weight, bias)
-    z = x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)
+    scale, beta = _scale_bias(invstd, weight, bias)
+    z = _bn_affine(x.to(scale.dtype), mean, scale, beta)
     if residual is not None:
         z = z + residual.to(scale.dtype)
     if relu:
@@ -79,8 +84,7 @@ def _dz_xhat(grad_out, x, mean, invstd, weight, bias, out, relu):
         if out is not None:
             active = out > 0
         else:
-            scale, shift = _scale_shift(mean, invstd, weight, bias)
-            active = xa * _per_channel(scale) + _per_channel(shift) > 0
+            active = _bn_affine(xa, mean, *_scale_bias(invstd, weight, bias)) > 0
         dz = torch.where(active, dz, torch.zeros((), dtype=acc, device=dz.device))
     xhat = (xa - _per_channel(mean)) * _per_channel(invstd)
     return dz, xhat
@@ -97,7 +101,7 @@ def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                       count: Optional[Tensor], relu: bool, need_dz: bool) -> tuple[Tensor, Tensor]:
     x = kernel_layout(x)
     dz, xhat = _dz_xhat(grad_out, x, mean, invstd, weight, bias, out, relu)
-    scale, _ = _scale_shift(mean, invstd, weight, bias)
+    scale, _ = _scale_bias(invstd, weight, bias)
     if sums is not None:
         inv_n = (1.0 / count).to(mean.dtype)
         grad = _per_channel(scale) * (dz - _per_channel(sums[0] * inv_n) - xhat * _per_channel(sums[1] * inv_n))

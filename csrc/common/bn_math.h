@@ -4,8 +4,8 @@
 //
 // Notation, per channel c over its n = N*H*W elements:
 //   mean, invstd      batch (or running) statistics, invstd = 1 / sqrt(var + eps)
-//   scale = weight * invstd            shift = bias - mean * scale
-//   z = x * scale + shift (+ residual)  y = relu(z) or z
+//   scale = weight * invstd
+//   z = (x - mean) * scale + bias (+ residual)          y = relu(z) or z
 //   dz = dy * [z > 0] (or dy without ReLU)          xhat = (x - mean) * invstd
 //   dbias = sum(dz)   dweight = sum(dz * xhat)
 //   training: dx = scale * (dz - sum(dz)/n - xhat * sum(dz*xhat)/n)
@@ -70,18 +70,13 @@ FR_HOST_DEVICE void raw_sums_to_mean_var(double n, double sum, double sumsq, dou
   *var = v < 0.0 ? 0.0 : v;
 }
 
+// The forward pre-activation without residual: (x - mean) * scale + bias, with scale = weight * invstd.
+// Subtracting the mean first keeps eager PyTorch's accuracy when |mean| is large against the spread (the
+// folded form x * scale + (bias - mean * scale) cancels catastrophically there). Forward and backward (which
+// recomputes the ReLU mask from x) both go through this one expression, so they round identically.
 template <typename acc_t>
-FR_HOST_DEVICE void channel_scale_shift(acc_t mean, acc_t invstd, acc_t weight, acc_t bias, acc_t* scale,
-                                        acc_t* shift) {
-  *scale = weight * invstd;
-  *shift = bias - mean * (*scale);
-}
-
-// The forward pre-activation without residual. Forward and backward (which recomputes the ReLU mask
-// from x) both go through this one expression so the compiler contracts it the same way in both.
-template <typename acc_t>
-FR_HOST_DEVICE acc_t bn_affine(acc_t x, acc_t scale, acc_t shift) {
-  return x * scale + shift;
+FR_HOST_DEVICE acc_t bn_affine(acc_t x, acc_t mean, acc_t scale, acc_t bias) {
+  return (x - mean) * scale + bias;
 }
 
 // ReLU that propagates NaN like torch.relu (a NaN compares false).

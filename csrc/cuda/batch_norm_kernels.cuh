@@ -33,7 +33,7 @@
 //   (welford_to_raw_sums of mean + shift), and the partials are summed in double.
 //
 // Elementwise kernels (bn_act, bn_backward_elemt): same thread mapping, grid (channel blocks, row blocks),
-// grid-stride loop over rows; per-channel constants (scale, shift, ...) are computed once per thread.
+// grid-stride loop over rows; per-channel constants (mean, scale, bias, ...) are computed once per thread.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -149,10 +149,11 @@ struct RowCursor {
   __device__ __forceinline__ int64_t offset(const Layout& l) const { return n * l.s_n + hw * l.s_hw; }
 };
 
-// Per-thread per-channel constants: scale/shift from channel_scale_shift (weight 1 and bias 0 if absent).
+// Per-thread per-channel constants: mean, invstd, scale = weight * invstd and bias (weight 1 and bias 0 if
+// absent), for bn_affine's (x - mean) * scale + bias.
 template <typename A, int VEC>
 struct ChannelConsts {
-  A mean[VEC], invstd[VEC], scale[VEC], shift[VEC];
+  A mean[VEC], invstd[VEC], scale[VEC], beta[VEC];
 
   __device__ __forceinline__ void load(const A* __restrict__ mean_p, const A* __restrict__ invstd_p,
                                        const A* __restrict__ weight_p, const A* __restrict__ bias_p,
@@ -163,10 +164,10 @@ struct ChannelConsts {
         const int64_t c = c0 + j;
         mean[j] = mean_p[c];
         invstd[j] = invstd_p[c];
-        channel_scale_shift<A>(mean[j], invstd[j], weight_p ? weight_p[c] : A(1), bias_p ? bias_p[c] : A(0),
-                               &scale[j], &shift[j]);
+        scale[j] = (weight_p ? weight_p[c] : A(1)) * invstd[j];
+        beta[j] = bias_p ? bias_p[c] : A(0);
       } else {
-        mean[j] = invstd[j] = scale[j] = shift[j] = A(0);
+        mean[j] = invstd[j] = scale[j] = beta[j] = A(0);
       }
     }
   }
@@ -176,9 +177,9 @@ struct ChannelConsts {
 // is used, else recomputed from x with the forward's own bn_affine.
 template <typename A>
 __device__ __forceinline__ void dz_xhat(A g, A xv, A ov, bool relu, bool use_out, A mean, A invstd, A scale,
-                                        A shift, A* dz, A* xhat) {
+                                        A beta, A* dz, A* xhat) {
   if (relu) {
-    const bool active = use_out ? ov > A(0) : bn_affine<A>(xv, scale, shift) > A(0);
+    const bool active = use_out ? ov > A(0) : bn_affine<A>(xv, mean, scale, beta) > A(0);
     if (!active) g = A(0);
   }
   *dz = g;
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// bn_act: y = relu?(bn_affine(x, scale, shift) [+ residual]). residual may be nullptr. Grid-stride over
+// bn_act: y = relu?(bn_affine(x, mean, scale, bias) [+ residual]). residual may be nullptr. Grid-stride over
 // rows along gridDim.y * TY.
 template <typename T, typename A, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -383,7 +384,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     A xv[VEC], z[VEC];
     load_channels<T, VEC>(xc + cur.offset(lx), xv);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) z[j] = bn_affine<A>(xv[j], cc.scale[j], cc.shift[j]);
+    for (int j = 0; j < VEC; ++j) z[j] = bn_affine<A>(xv[j], cc.mean[j], cc.scale[j], cc.beta[j]);
     if (rc != nullptr) {
       A rv[VEC];
       load_channels<T, VEC>(rc + cur.offset(lr), rv);
@@ -456,7 +457,7 @@ __global__ void __launch_bounds__(kBlockThreads, kBackwardMinBlocksPerSM)
         for (int j = 0; j < VEC; ++j) {
           A dz, xhat;
           dz_xhat<A>(g[u][j], xv[u][j], ov[u][j], relu, use_out, cc.mean[j], cc.invstd[j], cc.scale[j],
-                     cc.shift[j], &dz, &xhat);
+                     cc.beta[j], &dz, &xhat);
           s_dz[j] += dz;
           s_dzx[j] += dz * xhat;
         }
@@ -549,7 +550,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       A xhat;
-      dz_xhat<A>(g[j], xv[j], ov[j], relu, use_out, cc.mean[j], cc.invstd[j], cc.scale[j], cc.shift[j], &dzv[j],
+      dz_xhat<A>(g[j], xv[j], ov[j], relu, use_out, cc.mean[j], cc.invstd[j], cc.scale[j], cc.beta[j], &dzv[j],
                  &xhat);
       gx[j] = batch_stats ? bn_grad_input_train<A>(dzv[j], xhat, cc.scale[j], mean_dz[j], mean_dzx[j])
                           : cc.scale[j] * dzv[j];

@@ -42,9 +42,9 @@ def _offsets(rows, cols, HW, s_n, s_c, s_hw, ROWS_MERGED: tl.constexpr):
 
 
 @triton.jit
-def _channel_scale_shift(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
-                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """scale = weight * invstd and shift = bias - mean * scale for a block of channels."""
+def _channel_consts(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """(mean, invstd, scale = weight * invstd, bias) for a block of channels (weight 1, bias 0 if absent)."""
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
     if HAS_WEIGHT:
@@ -52,10 +52,17 @@ def _channel_scale_shift(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
     else:
         scale = invstd
     if HAS_BIAS:
-        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC) - mean * scale
+        beta = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
     else:
-        shift = -(mean * scale)
-    return mean, invstd, scale, shift
+        beta = tl.zeros_like(invstd)
+    return mean, invstd, scale, beta
+
+
+@triton.jit
+def _bn_affine(x, mean, scale, beta):
+    """(x - mean) * scale + bias: the mean subtracted first keeps eager's accuracy when |mean| >> std.
+    Forward and the backward's mask recomputation share it, so both round alike."""
+    return (x - mean[None, :]) * scale[None, :] + beta[None, :]
 
 
 @triton.jit
@@ -175,15 +182,15 @@ def _bn_act_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y = relu?(x * scale + shift [+ residual]) on one BLOCK_M x BLOCK_C tile."""
+    """y = relu?((x - mean) * scale + bias [+ residual]) on one BLOCK_M x BLOCK_C tile."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
-    _, _, scale, shift = _channel_scale_shift(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
-                                              HAS_WEIGHT, HAS_BIAS, ACC)
+    mean, _, scale, beta = _channel_consts(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS,
+                                           ACC)
     x = tl.load(x_ptr + _offsets(rows, cols, HW, x_sn, x_sc, x_shw, X_MERGED), mask=mask, other=0.0).to(ACC)
-    z = x * scale[None, :] + shift[None, :]
+    z = _bn_affine(x, mean, scale, beta)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + _offsets(rows, cols, HW, r_sn, r_sc, r_shw, R_MERGED), mask=mask, other=0.0)
         z += r.to(ACC)
@@ -200,13 +207,13 @@ def _bn_act_kernel(
 @triton.jit
 def _dz_xhat(dy_ptr, x_ptr, out_ptr, rows, cols, mask, HW,
              dy_sn, dy_sc, dy_shw, x_sn, x_sc, x_shw, o_sn, o_sc, o_shw,
-             mean, invstd, scale, shift,
+             mean, invstd, scale, beta,
              DY_MERGED: tl.constexpr, X_MERGED: tl.constexpr, O_MERGED: tl.constexpr,
              HAS_OUT: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr):
     """dz = dy * relu mask and xhat = (x - mean) * invstd on a tile.
 
     The mask is out > 0 when the output was saved (a residual entered before the ReLU), else it is
-    recomputed from x with the forward's own expression x * scale + shift.
+    recomputed from x with the forward's own expression.
     """
     x = tl.load(x_ptr + _offsets(rows, cols, HW, x_sn, x_sc, x_shw, X_MERGED), mask=mask, other=0.0).to(ACC)
     dz = tl.load(dy_ptr + _offsets(rows, cols, HW, dy_sn, dy_sc, dy_shw, DY_MERGED), mask=mask,
@@ -216,7 +223,7 @@ def _dz_xhat(dy_ptr, x_ptr, out_ptr, rows, cols, mask, HW,
             o = tl.load(out_ptr + _offsets(rows, cols, HW, o_sn, o_sc, o_shw, O_MERGED), mask=mask, other=0.0)
             active = o.to(ACC) > 0
         else:
-            active = x * scale[None, :] + shift[None, :] > 0
+            active = _bn_affine(x, mean, scale, beta) > 0
         dz = tl.where(active, dz, 0.0)
     xhat = (x - mean[None, :]) * invstd[None, :]
     return dz, xhat
@@ -236,8 +243,8 @@ def _bn_backward_reduce_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean, invstd, scale, shift = _channel_scale_shift(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
-                                                      HAS_WEIGHT, HAS_BIAS, ACC)
+    mean, invstd, scale, beta = _channel_consts(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_WEIGHT,
+                                                HAS_BIAS, ACC)
     row_begin = pid_m * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     acc_dz = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
@@ -247,7 +254,7 @@ def _bn_backward_reduce_kernel(
         mask = (rows < row_end)[:, None] & cmask[None, :]
         dz, xhat = _dz_xhat(dy_ptr, x_ptr, out_ptr, rows, cols, mask, HW,
                             dy_sn, dy_sc, dy_shw, x_sn, x_sc, x_shw, o_sn, o_sc, o_shw,
-                            mean, invstd, scale, shift, DY_MERGED, X_MERGED, O_MERGED, HAS_OUT, RELU, ACC)
+                            mean, invstd, scale, beta, DY_MERGED, X_MERGED, O_MERGED, HAS_OUT, RELU, ACC)
         acc_dz += dz
         acc_dzx += dz * xhat
     out = part_ptr + pid_m * 2 * C + cols
@@ -271,11 +278,11 @@ def _bn_backward_elemt_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
-    mean, invstd, scale, shift = _channel_scale_shift(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask,
-                                                      HAS_WEIGHT, HAS_BIAS, ACC)
+    mean, invstd, scale, beta = _channel_consts(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_WEIGHT,
+                                                HAS_BIAS, ACC)
     dz, xhat = _dz_xhat(dy_ptr, x_ptr, out_ptr, rows, cols, mask, HW,
                         dy_sn, dy_sc, dy_shw, x_sn, x_sc, x_shw, o_sn, o_sc, o_shw,
-                        mean, invstd, scale, shift, DY_MERGED, X_MERGED, O_MERGED, HAS_OUT, RELU, ACC)
+                        mean, invstd, scale, beta, DY_MERGED, X_MERGED, O_MERGED, HAS_OUT, RELU, ACC)
     if BATCH_STATS:
         inv_n = (1.0 / tl.load(count_ptr + cols, mask=cmask, other=1.0)).to(ACC)
         mean_dz = tl.load(sums_ptr + cols, mask=cmask, other=0.0) * inv_n
