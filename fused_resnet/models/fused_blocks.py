@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import backends
 from ..nn.batch_norm import BatchNormAct2d
 from ..ops.batch_norm import bn_act
+from ..ops.layout import acc_dtype_of
 
 
 def _can_fold(bn: BatchNormAct2d) -> bool:
@@ -47,14 +48,15 @@ def folded_conv_bn(conv: nn.Conv2d, bn: BatchNormAct2d) -> tuple[Tensor, Tensor]
         cached = bn.__dict__.get("_fused_fold")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
     with torch.autocast(conv.weight.device.type, enabled=False):
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.affine:
-            scale = scale * bn.weight.float()
+            scale = scale * bn.weight.to(acc)
         weight = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
-        bias = -bn.running_mean.float() * scale
+        bias = -bn.running_mean.to(acc) * scale
         if bn.affine:
-            bias = bias + bn.bias.float()
+            bias = bias + bn.bias.to(acc)
     if caching:
         bn.__dict__["_fused_fold"] = (key, weight, bias)
     return weight, bias
@@ -63,13 +65,13 @@ def folded_conv_bn(conv: nn.Conv2d, bn: BatchNormAct2d) -> tuple[Tensor, Tensor]
 _UNIT = {}
 
 
-def _unit_scale(c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _unit_scale(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(zeros, ones) per channel, so that bn_act applies just bias (+ residual) (+ ReLU)."""
     if torch.compiler.is_compiling():
-        return torch.zeros(c, device=device), torch.ones(c, device=device)
-    key = (c, device)
+        return torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype)
+    key = (c, device, dtype)
     if key not in _UNIT:
-        _UNIT[key] = (torch.zeros(c, device=device), torch.ones(c, device=device))
+        _UNIT[key] = (torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype))
     return _UNIT[key]
 
 
@@ -79,7 +81,7 @@ def conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: BatchNormAct2d, residual: Opti
     residual and ReLU in one fused elementwise pass."""
     weight, bias = folded_conv_bn(conv, bn)
     y = conv._conv_forward(x, weight, None)
-    zeros, ones = _unit_scale(y.shape[1], y.device)
+    zeros, ones = _unit_scale(y.shape[1], y.device, acc_dtype_of(y))
     if residual is not None and residual.dtype != y.dtype:
         residual = residual.to(y.dtype)
     return bn_act(y, zeros, ones, None, bias, residual, None, relu, backends.resolve(bn.backend, y.device), None)
