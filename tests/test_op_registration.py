@@ -143,3 +143,51 @@ def test_compile_inductor_cpu():
         outs.append((y, xi.grad, net["bn2"].weight.grad, net["bn1"].running_mean))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", backend_device_params())
+def test_opcheck_recompute_ops(backend_device):
+    """bn_act_conv and bn_act_maxpool: schemas, fakes (output strides of the real convolution/pool) and
+    autograd registration."""
+    backend, device = backend_device
+    a = _op_inputs(device)
+    x = a["x"]
+    count = torch.ops.fused_resnet.bn_stats(x, backend)[0]
+    conv_w = torch.randn(4, 5, 3, 3, device=device)
+    grads = dict(x=x.detach().requires_grad_(), w=a["weight"].detach().requires_grad_(),
+                 b=a["bias"].detach().requires_grad_(), cw=conv_w.requires_grad_())
+    torch.library.opcheck(torch.ops.fused_resnet.bn_act_conv.default,
+                          (grads["x"], a["mean"], a["invstd"], grads["w"], grads["b"], count, grads["cw"], [2, 1],
+                           [1, 1], [1, 1], 1, True, backend, None))
+    torch.library.opcheck(torch.ops.fused_resnet.bn_act_maxpool.default,
+                          (grads["x"], a["mean"], a["invstd"], grads["w"], grads["b"], count, [3, 3], [2, 2],
+                           [1, 1], [1, 1], False, True, backend, None))
+
+
+@pytest.mark.parametrize("backend_device", backend_device_params())
+def test_compile_fullgraph_fused_resnet(backend_device):
+    """A whole fused ResNet-18 under torch.compile(fullgraph=True): training steps and eval (folded BN) give
+    the eager fused model's numbers (float64, so the comparison is exact to rounding)."""
+    import fused_resnet
+
+    backend, device = backend_device
+    x = make_input((2, 3, 64, 64), torch.float64, device, torch.channels_last)
+    target = torch.tensor([1, 3], device=device)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = fused_resnet.resnet18(num_classes=5, backend=backend).double().to(device)
+        torch._dynamo.reset()
+        fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            model.train()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(fn(x), target).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            logits = fn(x)
+        results.append((logits, model.conv1.weight, model.layer4[1].bn2.running_var, model.fc.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

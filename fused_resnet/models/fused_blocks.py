@@ -6,10 +6,12 @@ block converts in place (``__class__`` swap), keeping every parameter and optimi
 ``isinstance(block, torchvision.models.resnet.Bottleneck)`` stays true.
 
 Training (and eval without running statistics):
+    stem        conv1 -> [bn1 + ReLU + maxpool]
     Bottleneck  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + ReLU + conv3] -> [bn3 + residual + ReLU]
     BasicBlock  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + residual + ReLU]
-where [bn + ReLU + conv] (BatchNormAct2d.forward_conv) recomputes the ReLU output in backward instead of
-keeping it, and the statistics come from the fused reduction.
+where [bn + ReLU + conv] (BatchNormAct2d.forward_conv) and [bn + ReLU + maxpool] (forward_maxpool) recompute
+the ReLU output (and the pool's indices) in backward instead of keeping them, and the statistics come from the
+fused reduction.
 Eval with running statistics: every BatchNorm is folded into its convolution (weight scaled per output
 channel, bias = shift), and bias + residual + ReLU run as one fused pass after the convolution.
 """
@@ -130,10 +132,11 @@ class FusedResNetMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         if _can_fold(self.bn1):
-            x = conv_bias_act(x, self.conv1, self.bn1)
+            x = self.maxpool(conv_bias_act(x, self.conv1, self.bn1))
+        elif isinstance(self.maxpool, nn.MaxPool2d):
+            x = self.bn1.forward_maxpool(self.conv1(x), self.maxpool)  # BN + ReLU + pool, recomputed in backward
         else:
-            x = self.bn1(self.conv1(x))  # BN + ReLU fused
-        x = self.maxpool(x)
+            x = self.maxpool(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

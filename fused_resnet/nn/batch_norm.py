@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.batch_norm import batch_norm_act
 from ..ops.bn_act_conv import batch_norm_act_conv
+from ..ops.bn_act_maxpool import batch_norm_act_maxpool
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -90,6 +91,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return conv(self(x))
         return batch_norm_act_conv(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
                                    dilation=conv.dilation, groups=conv.groups, **self._functional_args(x))
+
+    def forward_maxpool(self, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+        """``pool(self(x))`` keeping neither the pool's input nor its argmax indices for backward."""
+        if pool.return_indices:
+            return pool(self(x))
+        return batch_norm_act_maxpool(x, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                                      dilation=pool.dilation, ceil_mode=pool.ceil_mode, **self._functional_args(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fuse_relu={self.fuse_relu}, backend={self.backend or 'auto'}"

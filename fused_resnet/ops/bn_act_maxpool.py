@@ -1,0 +1,101 @@
+"""BatchNorm-apply (+ReLU) followed by max-pooling (a ResNet's stem), as one autograd node that keeps only the
+pre-BN tensor.
+
+Eager PyTorch keeps the ReLU output (the pool's input) and the pool's int64 argmax indices: for a ResNet-50
+stem at 112x112 that is 64 x 112 x 112 activations plus 64 x 56 x 56 int64 indices per image, ~7% of the whole
+network's saved activations in bf16. Backward here recomputes both from x (one BN-apply and one pooling
+pass); the recomputed pool input is bitwise the forward's, so the argmax (ties included) is the same.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads
+
+
+def _pool(r: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
+    return torch.ops.aten.max_pool2d_with_indices(r, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.custom_op("fused_resnet::bn_act_maxpool", mutates_args=())
+def bn_act_maxpool(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   count: Optional[Tensor], kernel_size: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], ceil_mode: bool, relu: bool, backend: str,
+                   group_name: Optional[str]) -> Tensor:
+    """``count``/``group_name`` as in ``bn_act``; pooling arguments as ``aten.max_pool2d``."""
+    r = _impl(backend).bn_act(x, mean, invstd, weight, bias, None, relu)
+    return _pool(r, kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
+@bn_act_maxpool.register_fake
+def _(x, mean, invstd, weight, bias, count, kernel_size, stride, padding, dilation, ceil_mode, relu, backend,
+      group_name):
+    return _pool(_empty_act(x), kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, mean, invstd, weight, bias, count, kernel_size, stride, padding, dilation, ceil_mode, relu, backend,
+     group_name) = inputs
+    ctx.save_for_backward(x, mean, invstd, weight, bias, count)  # neither the pool input nor its indices
+    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode)
+    ctx.relu, ctx.backend, ctx.group_name = relu, backend, group_name
+
+
+def _backward(ctx, grad_out):
+    x, mean, invstd, weight, bias, count = ctx.saved_tensors
+    need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    grad_x = grad_w = grad_b = None
+    if need_x or need_w or need_b:
+        r = bn_act(x, mean, invstd, weight, bias, None, None, ctx.relu, ctx.backend, None)
+        _, indices = _pool(r, *ctx.pool_args)
+        grad_r = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, r, *ctx.pool_args, indices)
+        del r, indices
+        grad_x, grad_w, grad_b, _ = bn_act_grads(grad_r, x, mean, invstd, weight, bias, count, None, ctx.relu,
+                                                 ctx.backend, ctx.group_name, need_x, need_w, need_b, False)
+    return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+bn_act_maxpool.register_autograd(_backward, setup_context=_setup_context)
+
+
+def batch_norm_act_maxpool(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    kernel_size=3,
+    stride=2,
+    padding=1,
+    dilation=1,
+    ceil_mode: bool = False,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    process_group=None,
+) -> Tensor:
+    """``max_pool2d(relu?(batch_norm(x)), ...)`` without keeping the pool's input or indices for backward.
+    BatchNorm arguments as ``batch_norm_act``; pooling arguments as ``F.max_pool2d``."""
+    from .. import backends
+    from .batch_norm import _check_batch_norm_args, _contiguous_or_none, _reference_composite, \
+        normalization_statistics
+    from .bn_act_conv import _pair
+
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, None,
+                           num_batches_tracked, process_group)
+    pool_args = (_pair(kernel_size, "kernel_size"), _pair(stride if stride is not None else kernel_size, "stride"),
+                 _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode))
+    backend = backends.resolve(backend, x.device)
+    if x.numel() == 0:
+        r = _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps, None, relu)
+        return torch.nn.functional.max_pool2d(r, *pool_args)
+    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
+                                                               eps, num_batches_tracked, backend, process_group)
+    return bn_act_maxpool(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
+                          *pool_args, relu, backend, group_name)
