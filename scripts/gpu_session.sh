@@ -5,7 +5,8 @@
 #   bash scripts/gpu_session.sh build   # CUDA build of fused_resnet._C (sm_90), ~2 min on 16 cores
 #   bash scripts/gpu_session.sh test    # the whole suite on the GPU: cuda + triton backends, bf16 included
 #   bash scripts/gpu_session.sh bench   # microbenchmarks at ResNet-50 shapes, batch 256, bf16, channels_last
-#   bash scripts/gpu_session.sh all     # the three in order
+#   bash scripts/gpu_session.sh e2e     # ResNet-50 training/inference: eager, compile, fused, fused+compile
+#   bash scripts/gpu_session.sh all     # the four in order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -43,4 +44,10 @@ if [[ "$step" == bench || "$step" == all ]]; then
     --benchmark-columns=median >"$OUT/bench.log" 2>&1
   echo "benchmarks exit code: $?"
   grep -A80 "fused BatchNorm microbenchmarks" "$OUT/bench.log" | grep -v "^---" | head -90
+fi
+
+if [[ "$step" == e2e || "$step" == all ]]; then
+  "$PY" benchmarks/bench_resnet.py --json "$OUT/e2e.json" ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1
+  echo "end-to-end exit code: $?"
+  tail -n 8 "$OUT/e2e.log"
 fi
