@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/bn_math.h"
@@ -20,8 +21,20 @@ namespace fused_resnet {
 namespace {
 
 constexpr int64_t kTileRows = 64;     // rows reduced exactly (two passes) before each Chan merge
-constexpr int64_t kChunkRows = 4096;  // rows per partial result (one "program")
-constexpr int64_t kApplyGrain = 256;  // rows per parallel task in elementwise passes
+constexpr int64_t kChunkRows = 512;   // rows per partial result (one "program"): a fixed rule of M, so results
+                                      // do not depend on the thread count, small enough to use every core
+constexpr int64_t kApplyGrain = 64;   // rows per parallel task in elementwise passes
+
+// Calls f(std::bool_constant<B>{}) for a runtime bool, so that branches inside f resolve at compile time and
+// the channel loops vectorise (e.g. UNIT: every tensor has unit channel stride, the channels_last case).
+template <typename F>
+inline void with_flag(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 // Per-channel scale = weight * invstd and bias in the accumulation type (weight 1 and bias 0 when absent).
 template <typename acc_t>
@@ -42,41 +55,40 @@ void channel_scale_bias(const at::Tensor& invstd, const at::Tensor& weight, cons
 // ---------------------------------------------------------------------------------------------------------
 // Statistics
 
-template <typename scalar_t>
-at::Tensor stats_impl(const at::Tensor& x) {
+template <typename scalar_t, bool UNIT>
+void stats_chunks(const scalar_t* xp, const Layout& l, int64_t M, int64_t P, double* partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout l = layout_of(x);
-  const int64_t M = l.N * l.HW, C = l.C;
-  const int64_t P = ceil_div(M, kChunkRows);
-  // partial[p][k][c], k = (count, sum, sum of squares)
-  std::vector<double> partial(static_cast<size_t>(P * 3 * C));
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-
+  const int64_t C = l.C, sc = UNIT ? 1 : l.s_c;
   at::parallel_for(0, P, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<acc_t> shift(C), mean(C), m2(C), tile_mean(C), tile_m2(C);
+    std::vector<acc_t> shift_v(C), mean_v(C), m2_v(C), tile_mean_v(C), tile_m2_v(C);
+    acc_t* __restrict__ shift = shift_v.data();
+    acc_t* __restrict__ mean = mean_v.data();
+    acc_t* __restrict__ m2 = m2_v.data();
+    acc_t* __restrict__ tile_mean = tile_mean_v.data();
+    acc_t* __restrict__ tile_m2 = tile_m2_v.data();
     for (int64_t p = p_begin; p < p_end; ++p) {
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
+      std::fill(mean, mean + C, acc_t(0));
+      std::fill(m2, m2 + C, acc_t(0));
       acc_t n = 0;
       const int64_t r_end = std::min(M, (p + 1) * kChunkRows);
       // Values are shifted by the chunk's first row: x - shift is exact for x near shift, which keeps the
       // accumulation accurate for data whose mean is large against its spread. m2 is shift-invariant.
       const scalar_t* first = xp + row_offset(l, p * kChunkRows);
-      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(first[c * l.s_c]);
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(first[c * sc]);
       for (int64_t t0 = p * kChunkRows; t0 < r_end; t0 += kTileRows) {
         const int64_t t1 = std::min(r_end, t0 + kTileRows);
         const acc_t nt = static_cast<acc_t>(t1 - t0);
-        std::fill(tile_mean.begin(), tile_mean.end(), acc_t(0));
-        std::fill(tile_m2.begin(), tile_m2.end(), acc_t(0));
+        std::fill(tile_mean, tile_mean + C, acc_t(0));
+        std::fill(tile_m2, tile_m2 + C, acc_t(0));
         for (int64_t m = t0; m < t1; ++m) {
           const scalar_t* row = xp + row_offset(l, m);
-          for (int64_t c = 0; c < C; ++c) tile_mean[c] += static_cast<acc_t>(row[c * l.s_c]) - shift[c];
+          for (int64_t c = 0; c < C; ++c) tile_mean[c] += static_cast<acc_t>(row[c * sc]) - shift[c];
         }
         for (int64_t c = 0; c < C; ++c) tile_mean[c] /= nt;
         for (int64_t m = t0; m < t1; ++m) {
           const scalar_t* row = xp + row_offset(l, m);
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = (static_cast<acc_t>(row[c * l.s_c]) - shift[c]) - tile_mean[c];
+            const acc_t d = (static_cast<acc_t>(row[c * sc]) - shift[c]) - tile_mean[c];
             tile_m2[c] += d * d;
           }
         }
@@ -86,14 +98,25 @@ at::Tensor stats_impl(const at::Tensor& x) {
         }
         n += nt;
       }
-      double* out = partial.data() + p * 3 * C;
+      double* out = partial + p * 3 * C;
       for (int64_t c = 0; c < C; ++c) {
         welford_to_raw_sums(n, static_cast<double>(mean[c]) + static_cast<double>(shift[c]), m2[c], out + c,
                             out + C + c, out + 2 * C + c);
       }
     }
   });
+}
 
+template <typename scalar_t>
+at::Tensor stats_impl(const at::Tensor& x) {
+  const Layout l = layout_of(x);
+  const int64_t M = l.N * l.HW, C = l.C;
+  const int64_t P = ceil_div(M, kChunkRows);
+  // partial[p][k][c], k = (count, sum, sum of squares)
+  std::vector<double> partial(static_cast<size_t>(P * 3 * C));
+  with_flag(l.s_c == 1, [&](auto unit) {
+    stats_chunks<scalar_t, decltype(unit)::value>(x.const_data_ptr<scalar_t>(), l, M, P, partial.data());
+  });
   at::Tensor stats = at::zeros({3, C}, x.options().dtype(at::kDouble));
   double* sp = stats.data_ptr<double>();
   for (int64_t p = 0; p < P; ++p) {  // fixed order: deterministic
@@ -165,9 +188,11 @@ template <typename scalar_t>
 void act_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
               const at::Tensor& bias, const at::Tensor& residual, bool relu, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> scale, beta;
-  channel_scale_bias<acc_t>(invstd, weight, bias, scale, beta);
-  const acc_t* mp = mean.data_ptr<acc_t>();
+  std::vector<acc_t> scale_v, beta_v;
+  channel_scale_bias<acc_t>(invstd, weight, bias, scale_v, beta_v);
+  const acc_t* __restrict__ mp = mean.data_ptr<acc_t>();
+  const acc_t* __restrict__ scale = scale_v.data();
+  const acc_t* __restrict__ beta = beta_v.data();
   const Layout lx = layout_of(x), ly = layout_of(y);
   const bool has_res = residual.defined();
   const Layout lr = has_res ? layout_of(residual) : lx;
@@ -175,18 +200,28 @@ void act_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv
   const scalar_t* rp = has_res ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t M = lx.N * lx.HW, C = lx.C;
-  at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const scalar_t* xr = xp + row_offset(lx, m);
-      const scalar_t* rr = has_res ? rp + row_offset(lr, m) : nullptr;
-      scalar_t* yr = yp + row_offset(ly, m);
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t z = bn_affine<acc_t>(static_cast<acc_t>(xr[c * lx.s_c]), mp[c], scale[c], beta[c]);
-        if (has_res) z += static_cast<acc_t>(rr[c * lr.s_c]);
-        if (relu) z = relu_nan(z);
-        yr[c * ly.s_c] = static_cast<scalar_t>(z);
-      }
-    }
+  const bool unit = lx.s_c == 1 && ly.s_c == 1 && (!has_res || lr.s_c == 1);
+  with_flag(has_res, [&](auto res_t) {
+    with_flag(relu, [&](auto relu_t) {
+      with_flag(unit, [&](auto unit_t) {
+        constexpr bool RES = decltype(res_t)::value, RELU = decltype(relu_t)::value;
+        constexpr bool UNIT = decltype(unit_t)::value;
+        const int64_t sx = UNIT ? 1 : lx.s_c, sr = UNIT ? 1 : lr.s_c, sy = UNIT ? 1 : ly.s_c;
+        at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
+          for (int64_t m = m0; m < m1; ++m) {
+            const scalar_t* __restrict__ xr = xp + row_offset(lx, m);
+            const scalar_t* __restrict__ rr = RES ? rp + row_offset(lr, m) : nullptr;
+            scalar_t* __restrict__ yr = yp + row_offset(ly, m);
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t z = bn_affine<acc_t>(static_cast<acc_t>(xr[c * sx]), mp[c], scale[c], beta[c]);
+              if constexpr (RES) z += static_cast<acc_t>(rr[c * sr]);
+              if constexpr (RELU) z = relu_nan(z);
+              yr[c * sy] = static_cast<scalar_t>(z);
+            }
+          }
+        });
+      });
+    });
   });
 }
 
@@ -240,18 +275,37 @@ struct BackwardInputs {
     channel_scale_bias<acc_t>(invstd_, weight, bias, scale, beta);
   }
 
-  // dz and xhat of element (m, c), given the three row base pointers.
+  // dz and xhat of element c of a row, given the three row base pointers. RELU, OUT (mask from the saved
+  // output rather than recomputed) and UNIT (unit channel strides) are compile-time, so the channel loops
+  // that call this vectorise.
+  template <bool RELU, bool OUT, bool UNIT>
   inline void at(const scalar_t* dyr, const scalar_t* xr, const scalar_t* orow, int64_t c, acc_t* dz,
                  acc_t* xhat) const {
-    const acc_t xv = static_cast<acc_t>(xr[c * lx.s_c]);
-    acc_t g = static_cast<acc_t>(dyr[c * ldy.s_c]);
-    if (relu) {
-      const bool active = out ? static_cast<acc_t>(orow[c * lo.s_c]) > acc_t(0)
-                              : bn_affine<acc_t>(xv, mean[c], scale[c], beta[c]) > acc_t(0);
-      if (!active) g = acc_t(0);
+    const acc_t xv = static_cast<acc_t>(xr[c * (UNIT ? 1 : lx.s_c)]);
+    acc_t g = static_cast<acc_t>(dyr[c * (UNIT ? 1 : ldy.s_c)]);
+    if constexpr (RELU) {
+      bool active;
+      if constexpr (OUT) {
+        active = static_cast<acc_t>(orow[c * (UNIT ? 1 : lo.s_c)]) > acc_t(0);
+      } else {
+        active = bn_affine<acc_t>(xv, mean[c], scale[c], beta[c]) > acc_t(0);
+      }
+      g = active ? g : acc_t(0);
     }
     *dz = g;
     *xhat = (xv - mean[c]) * invstd[c];
+  }
+
+  bool unit() const { return lx.s_c == 1 && ldy.s_c == 1 && (out == nullptr || lo.s_c == 1); }
+
+  // f(RELU, OUT, UNIT) as std::bool_constant values for this input's flags.
+  template <typename F>
+  void dispatch(F&& f) const {
+    with_flag(relu, [&](auto relu_t) {
+      with_flag(relu && out != nullptr, [&](auto out_t) {
+        with_flag(unit(), [&](auto unit_t) { f(relu_t, out_t, unit_t); });
+      });
+    });
   }
 };
 
@@ -274,17 +328,23 @@ at::Tensor backward_reduce_impl(const BackwardInputs<scalar_t>& in, at::ScalarTy
         const int64_t t1 = std::min(r_end, t0 + kTileRows);
         std::fill(t_dz.begin(), t_dz.end(), acc_t(0));
         std::fill(t_dzx.begin(), t_dzx.end(), acc_t(0));
-        for (int64_t m = t0; m < t1; ++m) {
-          const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
-          const scalar_t* xr = in.x + row_offset(in.lx, m);
-          const scalar_t* orow = in.out ? in.out + row_offset(in.lo, m) : nullptr;
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t dz, xhat;
-            in.at(dyr, xr, orow, c, &dz, &xhat);
-            t_dz[c] += dz;
-            t_dzx[c] += dz * xhat;
+        in.dispatch([&](auto relu_t, auto out_t, auto unit_t) {
+          constexpr bool RELU = decltype(relu_t)::value, OUT = decltype(out_t)::value;
+          constexpr bool UNIT = decltype(unit_t)::value;
+          acc_t* __restrict__ td = t_dz.data();
+          acc_t* __restrict__ tdx = t_dzx.data();
+          for (int64_t m = t0; m < t1; ++m) {
+            const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
+            const scalar_t* xr = in.x + row_offset(in.lx, m);
+            const scalar_t* orow = OUT ? in.out + row_offset(in.lo, m) : nullptr;
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t dz, xhat;
+              in.template at<RELU, OUT, UNIT>(dyr, xr, orow, c, &dz, &xhat);
+              td[c] += dz;
+              tdx[c] += dz * xhat;
+            }
           }
-        }
+        });
         for (int64_t c = 0; c < C; ++c) {
           s_dz[c] += t_dz[c];
           s_dzx[c] += t_dzx[c];
@@ -368,22 +428,42 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     scalar_t* dzp = need_dz ? dz_out.data_ptr<scalar_t>() : nullptr;
     const int64_t M = in.lx.N * in.lx.HW;
-    at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
-        const scalar_t* xr = in.x + row_offset(in.lx, m);
-        const scalar_t* orow = in.out ? in.out + row_offset(in.lo, m) : nullptr;
-        scalar_t* dxr = dxp + row_offset(ldx, m);
-        scalar_t* dzr = dzp ? dzp + row_offset(ldz, m) : nullptr;
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t dz, xhat;
-          in.at(dyr, xr, orow, c, &dz, &xhat);
-          const acc_t g = batch_stats ? bn_grad_input_train<acc_t>(dz, xhat, in.scale[c], mean_dz[c], mean_dzx[c])
-                                      : in.scale[c] * dz;
-          dxr[c * ldx.s_c] = static_cast<scalar_t>(g);
-          if (dzr) dzr[c * ldz.s_c] = static_cast<scalar_t>(dz);
-        }
-      }
+    const bool unit = in.unit() && ldx.s_c == 1 && (!need_dz || ldz.s_c == 1);
+    const acc_t* __restrict__ scale = in.scale.data();
+    const acc_t* __restrict__ k_dz = mean_dz.data();
+    const acc_t* __restrict__ k_dzx = mean_dzx.data();
+    in.dispatch([&](auto relu_t, auto out_t, auto) {
+      with_flag(unit, [&](auto unit_t) {
+        with_flag(batch_stats, [&](auto train_t) {
+          with_flag(need_dz, [&](auto store_dz_t) {
+            constexpr bool RELU = decltype(relu_t)::value, OUT = decltype(out_t)::value;
+            constexpr bool UNIT = decltype(unit_t)::value, TRAIN = decltype(train_t)::value;
+            constexpr bool STORE_DZ = decltype(store_dz_t)::value;
+            const int64_t sdx = UNIT ? 1 : ldx.s_c, sdz = UNIT ? 1 : ldz.s_c;
+            at::parallel_for(0, M, kApplyGrain, [&](int64_t m0, int64_t m1) {
+              for (int64_t m = m0; m < m1; ++m) {
+                const scalar_t* dyr = in.dy + row_offset(in.ldy, m);
+                const scalar_t* xr = in.x + row_offset(in.lx, m);
+                const scalar_t* orow = OUT ? in.out + row_offset(in.lo, m) : nullptr;
+                scalar_t* __restrict__ dxr = dxp + row_offset(ldx, m);
+                scalar_t* __restrict__ dzr = STORE_DZ ? dzp + row_offset(ldz, m) : nullptr;
+                for (int64_t c = 0; c < C; ++c) {
+                  acc_t dz, xhat;
+                  in.template at<RELU, OUT, UNIT>(dyr, xr, orow, c, &dz, &xhat);
+                  acc_t g;
+                  if constexpr (TRAIN) {
+                    g = bn_grad_input_train<acc_t>(dz, xhat, scale[c], k_dz[c], k_dzx[c]);
+                  } else {
+                    g = scale[c] * dz;
+                  }
+                  dxr[c * sdx] = static_cast<scalar_t>(g);
+                  if constexpr (STORE_DZ) dzr[c * sdz] = static_cast<scalar_t>(dz);
+                }
+              }
+            });
+          });
+        });
+      });
     });
   });
   return {dx, dz_out};

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..nn.batch_norm import BatchNormAct2d
-from ..ops.batch_norm import bn_act
+from ..ops.batch_norm import bn_act_call
 from ..ops.layout import acc_dtype_of
 
 
@@ -86,7 +86,8 @@ def conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: BatchNormAct2d, residual: Opti
     zeros, ones = _unit_scale(y.shape[1], y.device, acc_dtype_of(y))
     if residual is not None and residual.dtype != y.dtype:
         residual = residual.to(y.dtype)
-    return bn_act(y, zeros, ones, None, bias, residual, None, relu, backends.resolve(bn.backend, y.device), None)
+    return bn_act_call(y, zeros, ones, None, bias, residual, None, relu, backends.resolve(bn.backend, y.device),
+                       None)
 
 
 def _downsample(block, x: Tensor, fold: bool) -> Tensor:

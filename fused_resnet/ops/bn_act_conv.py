@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads
+from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads, eager_autograd
 
 
 def _conv(r: Tensor, conv_weight: Tensor, stride, padding, dilation, groups) -> Tensor:
@@ -66,6 +66,7 @@ def _backward(ctx, grad_out):
 
 
 bn_act_conv.register_autograd(_backward, setup_context=_setup_context)
+bn_act_conv_call = eager_autograd(bn_act_conv, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,5 +136,5 @@ def batch_norm_act_conv(
         return torch.nn.functional.conv2d(r.to(cw.dtype), cw, None, stride, padding, dilation, groups)
     mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
                                                                eps, num_batches_tracked, backend, process_group)
-    return bn_act_conv(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count, cw, stride,
-                       padding, dilation, groups, relu, backend, group_name)
+    return bn_act_conv_call(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count, cw,
+                            stride, padding, dilation, groups, relu, backend, group_name)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads
+from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads, eager_autograd
 
 
 def _pool(r: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
@@ -59,6 +59,7 @@ def _backward(ctx, grad_out):
 
 
 bn_act_maxpool.register_autograd(_backward, setup_context=_setup_context)
+bn_act_maxpool_call = eager_autograd(bn_act_maxpool, _setup_context, _backward)
 
 
 def batch_norm_act_maxpool(
@@ -97,5 +98,5 @@ def batch_norm_act_maxpool(
         return torch.nn.functional.max_pool2d(r, *pool_args)
     mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
                                                                eps, num_batches_tracked, backend, process_group)
-    return bn_act_maxpool(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
-                          *pool_args, relu, backend, group_name)
+    return bn_act_maxpool_call(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
+                               *pool_args, relu, backend, group_name)
