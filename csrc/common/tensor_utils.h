@@ -95,4 +95,46 @@ inline void check_stats(const at::Tensor& stats) {
               stats.scalar_type(), " ", stats.sizes());
 }
 
+// The arguments of bn_backward_reduce / bn_backward_elemt, checked and in the form the kernels take: activations
+// in kernel layout, parameters as contiguous acc-typed vectors (undefined when absent).
+struct BackwardArgs {
+  at::Tensor grad_out, x, out, weight, bias, mean, invstd;
+};
+
+inline BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
+  check_apply_args(x, mean, invstd, weight, bias);
+  check_like(grad_out, x, "grad_out");
+  if (present(out)) check_like(*out, x, "out");
+  const auto acc = acc_type_of(x);
+  return {kernel_layout(grad_out),
+          kernel_layout(x),
+          present(out) ? kernel_layout(*out) : at::Tensor(),
+          channel_param(weight, acc),
+          channel_param(bias, acc),
+          mean.contiguous(),
+          invstd.contiguous()};
+}
+
+// bn_backward_elemt's optional (sums, count): both or neither; sums acc-typed [2, C], count float64 [C], on x's
+// device. Returns whether they are given and sets the contiguous versions.
+inline bool batch_stats_sums(const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& count_in,
+                             const at::Tensor& x, at::Tensor* sums, at::Tensor* count) {
+  const bool given = present(sums_in);
+  TORCH_CHECK(given == present(count_in), "fused_resnet: sums and count must be given together");
+  if (!given) return false;
+  const int64_t C = x.size(1);
+  TORCH_CHECK(sums_in->dim() == 2 && sums_in->size(0) == 2 && sums_in->size(1) == C &&
+                  sums_in->scalar_type() == acc_type_of(x),
+              "fused_resnet: sums must be ", acc_type_of(x), " [2, ", C, "], got ", sums_in->scalar_type(), " ",
+              sums_in->sizes());
+  TORCH_CHECK(sums_in->device() == x.device(), "fused_resnet: sums is on ", sums_in->device(), " but x is on ",
+              x.device());
+  check_channel_vector(*count_in, C, x.device(), "count", at::kDouble);
+  *sums = sums_in->contiguous();
+  *count = count_in->contiguous();
+  return true;
+}
+
 }  // namespace fused_resnet

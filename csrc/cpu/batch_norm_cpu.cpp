@@ -360,26 +360,6 @@ at::Tensor backward_reduce_impl(const BackwardInputs<scalar_t>& in, at::ScalarTy
   return sums;
 }
 
-struct BackwardArgs {
-  at::Tensor grad_out, x, out, weight, bias, mean, invstd;
-};
-
-BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                              const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
-  check_apply_args(x, mean, invstd, weight, bias);
-  check_like(grad_out, x, "grad_out");
-  if (present(out)) check_like(*out, x, "out");
-  const auto acc = acc_type_of(x);
-  return {kernel_layout(grad_out),
-          kernel_layout(x),
-          present(out) ? kernel_layout(*out) : at::Tensor(),
-          channel_param(weight, acc),
-          channel_param(bias, acc),
-          mean.contiguous(),
-          invstd.contiguous()};
-}
-
 at::Tensor bn_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
@@ -398,18 +378,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(
     const c10::optional<at::Tensor>& count_in, bool relu, bool need_dz) {
   const BackwardArgs a = prepare_backward(grad_out, x, mean, invstd, weight, bias, out);
   const int64_t C = a.x.size(1);
-  const bool batch_stats = present(sums_in);
-  TORCH_CHECK(batch_stats == present(count_in), "fused_resnet: sums and count must be given together");
   at::Tensor sums, count;
-  if (batch_stats) {
-    TORCH_CHECK(sums_in->dim() == 2 && sums_in->size(0) == 2 && sums_in->size(1) == C &&
-                    sums_in->scalar_type() == acc_type_of(a.x),
-                "fused_resnet: sums must be ", acc_type_of(a.x), " [2, ", C, "], got ", sums_in->scalar_type(),
-                " ", sums_in->sizes());
-    check_channel_vector(*count_in, C, a.x.device(), "count", at::kDouble);
-    sums = sums_in->contiguous();
-    count = count_in->contiguous();
-  }
+  const bool batch_stats = batch_stats_sums(sums_in, count_in, a.x, &sums, &count);
   at::Tensor dx = at::empty_like(a.x);
   at::Tensor dz_out = need_dz ? at::empty_like(a.x) : at::empty({0}, a.x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_backward_elemt_cpu", [&] {

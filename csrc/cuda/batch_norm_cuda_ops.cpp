@@ -177,26 +177,6 @@ at::Tensor bn_act_cuda(const at::Tensor& x_in, const at::Tensor& mean, const at:
 // Backward. dz = grad_out * [relu mask]; the mask is out > 0 when the output was saved (residual before
 // the ReLU), else recomputed from x with the forward's own expression.
 
-struct BackwardArgs {
-  at::Tensor grad_out, x, out, weight, bias, mean, invstd;
-};
-
-BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                              const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
-  check_apply_args(x, mean, invstd, weight, bias);
-  check_like(grad_out, x, "grad_out");
-  if (present(out)) check_like(*out, x, "out");
-  const auto acc = acc_type_of(x);
-  return {kernel_layout(grad_out),
-          kernel_layout(x),
-          present(out) ? kernel_layout(*out) : at::Tensor(),
-          channel_param(weight, acc),
-          channel_param(bias, acc),
-          mean.contiguous(),
-          invstd.contiguous()};
-}
-
 at::Tensor bn_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                                    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
@@ -233,21 +213,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cuda(
   check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const BackwardArgs a = prepare_backward(grad_out, x, mean, invstd, weight, bias, out);
-  const int64_t C = a.x.size(1);
-  const bool batch_stats = present(sums_in);
-  TORCH_CHECK(batch_stats == present(count_in), "fused_resnet: sums and count must be given together");
   at::Tensor sums, count;
-  if (batch_stats) {
-    TORCH_CHECK(sums_in->dim() == 2 && sums_in->size(0) == 2 && sums_in->size(1) == C &&
-                    sums_in->scalar_type() == acc_type_of(a.x),
-                "fused_resnet: sums must be ", acc_type_of(a.x), " [2, ", C, "], got ", sums_in->scalar_type(),
-                " ", sums_in->sizes());
-    TORCH_CHECK(sums_in->device() == a.x.device(), "fused_resnet: sums is on ", sums_in->device(),
-                " but x is on ", a.x.device());
-    check_channel_vector(*count_in, C, a.x.device(), "count", at::kDouble);
-    sums = sums_in->contiguous();
-    count = count_in->contiguous();
-  }
+  const bool batch_stats = batch_stats_sums(sums_in, count_in, a.x, &sums, &count);
   at::Tensor dx = at::empty_like(a.x);
   at::Tensor dz_out = need_dz ? at::empty_like(a.x) : at::empty({0}, a.x.options());
   if (dx.numel() == 0) return {dx, dz_out};

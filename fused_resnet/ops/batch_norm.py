@@ -31,7 +31,7 @@ saves anyway). Eager BN + ReLU saves x and the ReLU output: one activation-sized
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -385,6 +385,33 @@ def normalization_statistics(x, running_mean, running_var, training, momentum, e
     return mean, invstd, None, None
 
 
+class Normalization(NamedTuple):
+    """What the fused ops need to normalise x (see prepare_normalization)."""
+    backend: str
+    mean: Tensor
+    invstd: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    count: Optional[Tensor]
+    group_name: Optional[str]
+
+
+def prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                          backend, process_group, residual=None) -> Optional[Normalization]:
+    """The shared entry of every functional BatchNorm op: check the arguments, resolve the backend (an explicit
+    unavailable one raises even for empty input), and compute the statistics (updating the running buffers when
+    training). None for an empty input, which the caller handles with eager PyTorch."""
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
+                           num_batches_tracked, process_group)
+    backend = backends.resolve(backend, x.device)
+    if x.numel() == 0:
+        return None
+    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
+                                                               eps, num_batches_tracked, backend, process_group)
+    return Normalization(backend, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
+                         group_name)
+
+
 def batch_norm_act(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -407,13 +434,9 @@ def batch_norm_act(
     the caller has already incremented, as ``nn.BatchNorm2d`` does). Otherwise normalise with the running
     buffers. ``process_group``: all-reduce the statistics (and their gradients) over it (synchronized BN).
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
-                           num_batches_tracked, process_group)
-    backend = backends.resolve(backend, x.device)
-    if x.numel() == 0:
+    n = prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                              num_batches_tracked, backend, process_group, residual)
+    if n is None:
         return _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                     residual, relu)
-    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
-                                                               eps, num_batches_tracked, backend, process_group)
-    return bn_act_call(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), residual, count,
-                       relu, backend, group_name)
+    return bn_act_call(x, n.mean, n.invstd, n.weight, n.bias, residual, n.count, relu, n.backend, n.group_name)

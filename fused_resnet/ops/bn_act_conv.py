@@ -115,26 +115,21 @@ def batch_norm_act_conv(
     """``conv2d(relu?(batch_norm(x)), conv_weight, stride, padding, dilation, groups)`` without keeping the
     BN output for backward. BatchNorm arguments as ``batch_norm_act``; convolution arguments as
     ``F.conv2d`` (no bias, zero padding given as ints)."""
-    from .. import backends
-    from .batch_norm import _check_batch_norm_args, _contiguous_or_none, _reference_composite, \
-        normalization_statistics
+    from .batch_norm import _reference_composite, prepare_normalization
 
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, None,
-                           num_batches_tracked, process_group)
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
         raise ValueError("fused_resnet: conv_weight must be a 4-D tensor (out, in / groups, kh, kw)")
-    if conv_weight.shape[1] * groups != x.shape[1] or conv_weight.shape[0] % groups:
+    if x.dim() == 4 and (conv_weight.shape[1] * groups != x.shape[1] or conv_weight.shape[0] % groups):
         raise ValueError(f"fused_resnet: conv_weight {tuple(conv_weight.shape)} with groups={groups} does not "
                          f"take {x.shape[1]} input channels")
     if conv_weight.device != x.device:
         raise ValueError(f"fused_resnet: conv_weight is on {conv_weight.device} but the input is on {x.device}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    n = prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                              num_batches_tracked, backend, process_group)
     cw = conv_weight.to(conv_dtype_for(x, conv_weight))
-    backend = backends.resolve(backend, x.device)
-    if x.numel() == 0:
+    if n is None:
         r = _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps, None, relu)
         return torch.nn.functional.conv2d(r.to(cw.dtype), cw, None, stride, padding, dilation, groups)
-    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
-                                                               eps, num_batches_tracked, backend, process_group)
-    return bn_act_conv_call(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count, cw,
-                            stride, padding, dilation, groups, relu, backend, group_name)
+    return bn_act_conv_call(x, n.mean, n.invstd, n.weight, n.bias, n.count, cw, stride, padding, dilation, groups,
+                            relu, n.backend, n.group_name)

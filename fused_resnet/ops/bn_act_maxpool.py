@@ -83,20 +83,15 @@ def batch_norm_act_maxpool(
 ) -> Tensor:
     """``max_pool2d(relu?(batch_norm(x)), ...)`` without keeping the pool's input or indices for backward.
     BatchNorm arguments as ``batch_norm_act``; pooling arguments as ``F.max_pool2d``."""
-    from .. import backends
-    from .batch_norm import _check_batch_norm_args, _contiguous_or_none, _reference_composite, \
-        normalization_statistics
+    from .batch_norm import _reference_composite, prepare_normalization
     from .bn_act_conv import _pair
 
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, None,
-                           num_batches_tracked, process_group)
     pool_args = (_pair(kernel_size, "kernel_size"), _pair(stride if stride is not None else kernel_size, "stride"),
                  _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode))
-    backend = backends.resolve(backend, x.device)
-    if x.numel() == 0:
+    n = prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                              num_batches_tracked, backend, process_group)
+    if n is None:
         r = _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps, None, relu)
         return torch.nn.functional.max_pool2d(r, *pool_args)
-    mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
-                                                               eps, num_batches_tracked, backend, process_group)
-    return bn_act_maxpool_call(x, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
-                               *pool_args, relu, backend, group_name)
+    return bn_act_maxpool_call(x, n.mean, n.invstd, n.weight, n.bias, n.count, *pool_args, relu, n.backend,
+                               n.group_name)
