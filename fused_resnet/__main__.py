@@ -1,6 +1,6 @@
-"""``python -m fused_resnet``: the main job (see fused_resnet/demo.py)."""
+"""``python -m fused_resnet <subcommand>``: the command line (see fused_resnet/cli)."""
 import sys
 
-from .demo import main
+from .cli import main
 
 sys.exit(main())

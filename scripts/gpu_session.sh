@@ -6,7 +6,8 @@
 #   bash scripts/gpu_session.sh test    # the whole suite on the GPU: cuda + triton backends, bf16 included
 #   bash scripts/gpu_session.sh bench   # microbenchmarks at ResNet-50 shapes, batch 256, bf16, channels_last
 #   bash scripts/gpu_session.sh e2e     # ResNet-50 training/inference: eager, compile, fused, fused+compile
-#   bash scripts/gpu_session.sh all     # the four in order
+#   bash scripts/gpu_session.sh cli     # fused-resnet check + memory (charts and JSON under $OUT/cli)
+#   bash scripts/gpu_session.sh all     # the five in order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -47,7 +48,16 @@ if [[ "$step" == bench || "$step" == all ]]; then
 fi
 
 if [[ "$step" == e2e || "$step" == all ]]; then
-  "$PY" benchmarks/bench_resnet.py --json "$OUT/e2e.json" ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1
+  "$PY" -m fused_resnet bench --out "$OUT/e2e" ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1
   echo "end-to-end exit code: $?"
-  tail -n 8 "$OUT/e2e.log"
+  tail -n 12 "$OUT/e2e.log"
+fi
+
+if [[ "$step" == cli || "$step" == all ]]; then
+  "$PY" -m fused_resnet check --out "$OUT/cli" >"$OUT/check.log" 2>&1
+  echo "check exit code: $?"
+  tail -n 14 "$OUT/check.log"
+  "$PY" -m fused_resnet memory --out "$OUT/cli" >"$OUT/memory.log" 2>&1
+  echo "memory exit code: $?"
+  tail -n 14 "$OUT/memory.log"
 fi

@@ -33,11 +33,24 @@ if [ -n "$missing" ]; then
   "$PYTHON" -m pip install --quiet --upgrade $missing
 fi
 
+# The CLI's charts and its default training dataset (README says why these two). Optional: without them the
+# CLI writes its JSON and says what is missing, so a machine with no package registry still works.
+optional=$("$PYTHON" -c "
+import importlib.util
+print(' '.join(p for m, p in {'matplotlib': 'matplotlib', 'sklearn': 'scikit-learn'}.items()
+               if importlib.util.find_spec(m) is None))")
+if [ -n "$optional" ]; then
+  echo "[setup] installing (optional, for the CLI): $optional"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install --quiet $optional || echo "[setup] warning: could not install $optional; charts or the default dataset will be unavailable"
+fi
+
 needs_build=$("$PYTHON" - "$ROOT" <<'PY'
 import glob, os, subprocess, sys
 root = sys.argv[1]
 libs = glob.glob(os.path.join(root, "fused_resnet", "_C*.so"))
-sources = glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True) + [os.path.join(root, "setup.py")]
+sources = glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True) + [
+    os.path.join(root, "setup.py"), os.path.join(root, "pyproject.toml")]
 stale = not libs or max(map(os.path.getmtime, sources)) > min(map(os.path.getmtime, libs))
 # The package must also resolve to this checkout (an editable install of it), from any directory.
 where = subprocess.run([sys.executable, "-c", "import fused_resnet, os; print(os.path.dirname(fused_resnet.__file__))"],

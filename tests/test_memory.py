@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from conftest import backend_device_params, skip_unsupported
+from fused_resnet.benchmarking.memory import saved_activation_bytes
 from fused_resnet.nn import BatchNormAct2d
 from helpers import make_input
 
@@ -62,24 +63,6 @@ def test_saved_bytes_against_eager(backend_device, mode, dtype):
         assert fused_bytes <= eager_bytes + per_channel_allowance
 
 
-def _saved_activation_bytes(model, x):
-    """Bytes of distinct storages saved for backward by a training forward, parameters and their autocast
-    copies excluded (the convolutions save their weights; that is not activation memory)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() > 1}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and tuple(t.shape) not in param_shapes:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_resnet50_saves_less_activation_memory_than_eager(autocast):
     """A ResNet-50 training forward: the fused model keeps neither the ReLU outputs that feed convolutions nor
@@ -93,7 +76,7 @@ def test_resnet50_saves_less_activation_memory_than_eager(autocast):
     fused = fused_resnet.resnet50(num_classes=10).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        eager_bytes = _saved_activation_bytes(eager, x)
-        fused_bytes = _saved_activation_bytes(fused, x)
+        eager_bytes = saved_activation_bytes(eager, lambda: eager(x))
+        fused_bytes = saved_activation_bytes(fused, lambda: fused(x))
     ratio = fused_bytes / eager_bytes
     assert ratio <= 0.82, f"fused saves {fused_bytes / 2**20:.1f} MiB vs eager {eager_bytes / 2**20:.1f} MiB ({ratio:.3f})"

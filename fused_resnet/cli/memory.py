@@ -1,0 +1,149 @@
+"""``fused-resnet memory``: where a training step's memory goes, eager vs fused, per stage (stem, layer1..4,
+head): bytes saved for backward (saved_tensors_hooks, any device) and, on CUDA, the peak allocated during
+each stage's forward and during the backward + update (torch.cuda memory statistics), plus the allocation
+history of the caching allocator over one step. On CPU the timeline is the running total of saved bytes
+through the forward.
+
+Defaults: CUDA ResNet-50, batch 256, 224x224, bf16; CPU ResNet-50, batch 4, 128x128, fp32.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..benchmarking import e2e
+from ..benchmarking.memory import STAGES, SavedTensorCounter, allocation_timeline_cuda, stage_peaks_cuda
+from ..models import BUILDERS
+from . import plots
+from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
+                     positive_int, resolve_device, result_document)
+
+HELP = "peak memory and saved-activation bytes per stage, eager vs fused, with charts"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("memory", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=list(BUILDERS), default="resnet50")
+    p.add_argument("--batch", type=positive_int, default=None, help="default 256 (CUDA), 4 (CPU)")
+    p.add_argument("--size", type=positive_int, default=None, help="image height = width; default 224 / 128")
+    p.add_argument("--dtype", choices=list(e2e.DTYPES), default=None, help="autocast dtype; default bf16 / fp32")
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
+    p.add_argument("--backend", choices=list(backends.BACKENDS), default=None,
+                   help="fused backend (default: the fastest available)")
+    add_common_arguments(p, "fused_resnet_results")
+    p.set_defaults(run=run)
+
+
+def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: str | None) -> dict:
+    torch.manual_seed(0)
+    name = "eager" if variant == "eager" else f"fused-{backend}"
+    model, _, source, _ = e2e.build(name, cfg, device)
+    x, target = e2e.make_inputs(cfg, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def forward():
+        with e2e.autocast(cfg, device):
+            return nn.functional.cross_entropy(model(x), target)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward().backward()
+        opt.step()
+
+    step()  # warm-up: optimizer state, cuDNN algorithm choice, allocator pools
+    counter = SavedTensorCounter(model)
+    loss = counter.run(forward)
+    del loss
+    result = dict(variant=variant, backend=backend, model_source=source,
+                  saved_mib={s: counter.by_stage[s] / 2**20 for s in STAGES}, saved_total_mib=counter.total / 2**20,
+                  peak_gib=None, stage_peak_gib=None, timeline_mib=None, timeline_kind="saved bytes")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        peaks = stage_peaks_cuda(model, step, device)
+        result["stage_peak_gib"] = {k: v / 2**30 for k, v in peaks.items()}
+        timeline = allocation_timeline_cuda(step, device)
+        if timeline:
+            result["timeline_mib"] = _downsample([t / 2**20 for t in timeline], 2000)
+            result["timeline_kind"] = "allocated (caching allocator history)"
+    if result["timeline_mib"] is None:
+        result["timeline_mib"] = _downsample([total / 2**20 for _, total in counter.timeline], 2000)
+    model = opt = None  # free the device memory before the next variant (the closures share these cells)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _downsample(series: list[float], n: int) -> list[float]:
+    if len(series) <= n:
+        return series
+    step = len(series) / n
+    return [max(series[int(i * step): int((i + 1) * step)] or [series[-1]]) for i in range(n)]
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    cfg = e2e.E2EConfig(arch=args.arch, batch=args.batch or (256 if cuda else 4), size=args.size or (224 if cuda else 128),
+                        dtype=args.dtype or ("bf16" if cuda else "fp32"),
+                        channels_last=args.memory_format == "channels_last", inference=False)
+    check_dtype(cfg.dtype, device)
+    if cfg.batch < 2:
+        raise CLIError("--batch must be >= 2: training-mode BatchNorm needs more than one value per channel")
+    if cfg.size < 32:
+        raise CLIError(f"--size {cfg.size} is too small for a ResNet (5 stride-2 stages): use >= 32")
+    try:
+        backend = backends.resolve(args.backend, device)
+    except backends.BackendUnavailableError as exc:
+        raise CLIError(str(exc)) from None
+    with ResultWriter(args.out) as writer:
+        results = []
+        with Progress(2, "memory", enabled=not args.quiet) as bar:
+            for variant in ("eager", "fused"):
+                bar.info = variant
+                results.append(_measure(variant, cfg, device, backend))
+                bar.update()
+        eager, fused = results
+        title = (f"{cfg.arch}, batch {cfg.batch}, {cfg.size}x{cfg.size}, {cfg.dtype}, "
+                 f"{'channels_last' if cfg.channels_last else 'contiguous'}, training step | "
+                 f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | fused backend {backend}")
+        print("\n" + title)
+        rows = []
+        for s in (*STAGES, "total"):
+            e = eager["saved_total_mib"] if s == "total" else eager["saved_mib"][s]
+            f = fused["saved_total_mib"] if s == "total" else fused["saved_mib"][s]
+            row = [s, e, f, f"{f / e:.2f}x" if e else "-"]
+            if cuda:
+                key = "backward" if s == "total" else s
+                row += [eager["stage_peak_gib"].get(key, float("nan")), fused["stage_peak_gib"].get(key, float("nan"))]
+            rows.append(row)
+        header = ["stage", "eager saved MiB", "fused saved MiB", "fused/eager"]
+        if cuda:
+            header += ["eager peak GiB", "fused peak GiB"]
+        print(format_table(header, rows))
+        if cuda:
+            print("(peak columns: peak allocated during that stage's forward; the 'total' row is the backward + "
+                  f"update.) Whole step: eager {eager['peak_gib']:.2f} GiB, fused {fused['peak_gib']:.2f} GiB "
+                  f"({fused['peak_gib'] / eager['peak_gib']:.2f}x)")
+        print(f"saved activations, whole forward: fused {fused['saved_total_mib']:.1f} MiB vs eager "
+              f"{eager['saved_total_mib']:.1f} MiB ({fused['saved_total_mib'] / eager['saved_total_mib']:.2f}x)")
+        config = e2e.config_dict(cfg) | dict(backend=backend)
+        for k in ("steps", "warmup", "inference"):
+            config.pop(k)
+        writer.write_json("memory.json", result_document("memory", getattr(args, "argv", None), device, config,
+                                                         results, stages=list(STAGES)))
+        writer.chart("memory.png", plots.memory_chart, [*STAGES, "backward"] if cuda else list(STAGES),
+                     {r["variant"]: (r["stage_peak_gib"] if cuda else r["saved_mib"]) for r in results},
+                     "peak allocated (GiB)" if cuda else "saved for backward (MiB)",
+                     {r["variant"]: r["timeline_mib"] for r in results}, f"MiB ({results[0]['timeline_kind']})",
+                     "progress through the training step (fraction of allocator events)" if cuda else
+                     "progress through the forward (fraction of saved tensors)", title)
+        writer.finish()
+    return 0
