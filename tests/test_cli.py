@@ -1,6 +1,7 @@
 """The command line (fused_resnet/cli): every subcommand at tiny sizes on CPU, the files it writes (JSON schema,
 PNG charts, checkpoints), user errors (one line, exit code 2, no traceback) and Ctrl-C (nothing half-written).
-It measures nothing: the figures these commands print on a GPU go to benchmarks/RESULTS.md."""
+It measures nothing: the figures these commands print on a GPU go to benchmarks/RESULTS.md. The runs pin
+--device cpu so the expected backends are the same on a GPU machine."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -46,7 +47,7 @@ def _no_staging(out):
 
 @needs_matplotlib
 def test_bench(tmp_path, capsys):
-    rc = main(["bench", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "2", "--warmup", "1",
+    rc = main(["bench", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "2", "--warmup", "1",
                "--variants", "eager,fused-cpu,fused-eager", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -66,7 +67,7 @@ def test_bench(tmp_path, capsys):
 
 @needs_matplotlib
 def test_micro(tmp_path, capsys):
-    rc = main(["micro", "--smoke", "--shapes", "layer4.bn3", "--rounds", "2", "--providers", "cpu,eager",
+    rc = main(["micro", "--device", "cpu", "--smoke", "--shapes", "layer4.bn3", "--rounds", "2", "--providers", "cpu,eager",
                "--out", str(tmp_path), "--quiet"])
     assert rc == 0, capsys.readouterr()
     doc = _doc(tmp_path / "micro.json", "micro")
@@ -81,7 +82,7 @@ def test_micro(tmp_path, capsys):
 
 @needs_matplotlib
 def test_memory(tmp_path, capsys):
-    rc = main(["memory", "--arch", "resnet18", "--batch", "2", "--size", "64", "--out", str(tmp_path), "--quiet"])
+    rc = main(["memory", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--size", "64", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = _doc(tmp_path / "memory.json", "memory")
@@ -100,7 +101,7 @@ def test_memory(tmp_path, capsys):
 @needs_matplotlib
 def test_train_digits(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the default dataset ships with scikit-learn")
-    rc = main(["train", "--limit", "240", "--epochs", "2", "--batch", "32", "--size", "16", "--out", str(tmp_path),
+    rc = main(["train", "--device", "cpu", "--limit", "240", "--epochs", "2", "--batch", "32", "--size", "16", "--out", str(tmp_path),
                "--quiet"])
     out = capsys.readouterr().out
     assert rc in (0, 1), out
@@ -151,7 +152,7 @@ def test_train_image_folder(tmp_path, capsys):
     data = tmp_path / "data"
     _image_folder(data)
     out = tmp_path / "out"
-    rc = main(["train", "--data", str(data), "--epochs", "1", "--batch", "4", "--size", "16", "--test-fraction",
+    rc = main(["train", "--device", "cpu", "--data", str(data), "--epochs", "1", "--batch", "4", "--size", "16", "--test-fraction",
                "0.25", "--out", str(out), "--quiet"])
     assert rc in (0, 1), capsys.readouterr()
     doc = _doc(out / "train.json", "train")
@@ -160,7 +161,7 @@ def test_train_image_folder(tmp_path, capsys):
 
 
 def test_check(tmp_path, capsys):
-    rc = main(["check", "--backends", "cpu,eager", "--out", str(tmp_path), "--quiet"])
+    rc = main(["check", "--device", "cpu", "--backends", "cpu,eager", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = _doc(tmp_path / "check.json", "check")
@@ -182,7 +183,7 @@ def test_check_reports_a_wrong_backend(tmp_path, capsys, monkeypatch):
         return real(*args, **kwargs) * (1 + 1e-3)
 
     monkeypatch.setattr(check, "batch_norm_act", off_by_a_little)
-    rc = main(["check", "--backends", "cpu", "--no-model", "--out", str(tmp_path), "--quiet"])
+    rc = main(["check", "--device", "cpu", "--backends", "cpu", "--no-model", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1 and "SOME CHECKS FAILED" in out
     doc = json.loads((tmp_path / "check.json").read_text())
@@ -227,7 +228,7 @@ def test_user_errors(tmp_path, capsys, argv, message):
 
 def test_empty_image_folder_is_a_user_error(tmp_path, capsys):
     (tmp_path / "data" / "only_class").mkdir(parents=True)
-    rc = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet"])
+    rc = main(["train", "--device", "cpu", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 2 and "at least 2 class folders" in capsys.readouterr().err
 
 
@@ -235,7 +236,7 @@ def test_unreadable_image_is_a_user_error(tmp_path, capsys):
     data = tmp_path / "data"
     _image_folder(data, per_class=2)
     (data / "cat" / "broken.png").write_bytes(b"not a png")
-    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"])
+    rc = main(["train", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 2 and "cannot read image" in capsys.readouterr().err
 
 
@@ -253,7 +254,7 @@ def test_ctrl_c_leaves_no_result_files(tmp_path, capsys, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(e2e, "measure", interrupted)
-    rc = main(["bench", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "0",
+    rc = main(["bench", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "0",
                "--no-parity", "--out", str(tmp_path), "--quiet"])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bench.json"]

@@ -188,6 +188,24 @@ def test_zero_init_residual_and_norm_layer():
         fused_resnet.resnet18(norm_layer=lambda c: nn.GroupNorm(2, c))
 
 
+def test_eval_with_autograd_after_inference_mode():
+    """Constants cached during a first forward under torch.inference_mode must not be inference tensors: an eval
+    forward with autograd recording saves them for backward (regression: 'Inference tensors cannot be saved')."""
+    from fused_resnet.models import fused_blocks
+
+    fused_blocks._UNIT.clear()  # the first use of each constant happens below, under inference_mode
+    eager, fused = _pair("resnet18")
+    x = _data()[0][0]
+    for m in (eager, fused):
+        m.eval()
+    with torch.inference_mode():
+        expected = eager(x)
+        _assert_close("eval under inference_mode", fused(x), expected)
+    fused(x).sum().backward()
+    eager(x).sum().backward()
+    _assert_close("conv1 grad through the fold", fused.conv1.weight.grad, eager.conv1.weight.grad)
+
+
 def test_eval_refolds_after_parameter_changes():
     """No stale folded weights after an optimizer step, load_state_dict, or train() moving the statistics."""
     eager, fused = _pair("resnet18")

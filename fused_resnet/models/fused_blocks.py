@@ -73,7 +73,10 @@ def _unit_scale(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
         return torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype)
     key = (c, device, dtype)
     if key not in _UNIT:
-        _UNIT[key] = (torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype))
+        # Never inference tensors (were the first call under torch.inference_mode): a later eval forward
+        # with autograd recording saves these for backward, which inference tensors refuse.
+        with torch.inference_mode(False):
+            _UNIT[key] = (torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype))
     return _UNIT[key]
 
 
