@@ -19,7 +19,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_resnet_C, m) {
-  // Per-channel (count, sum x, sum x^2) as float64 [3, C]; accumulated in fp32 as centred partial sums.
+  // Per-channel (count, mean, m2) as float64 [3, C], m2 = sum of squared deviations from the mean;
+  // accumulated in fp32 (fp64 for fp64 x) as centred partials, Chan-merged in double in a fixed order.
   m.def("bn_stats(Tensor x) -> Tensor");
   // (mean, invstd) of `dtype` from stats; updates the running buffers in place when given
   // (factor = momentum, or 1 / num_batches_tracked when momentum is None; running_var is unbiased).

@@ -97,22 +97,33 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if backend_status(b, device)[0]]
 
 
-def _env_backend() -> str | None:
-    name = os.environ.get("FUSED_RESNET_BACKEND", "").strip().lower() or None
+def _env_backend() -> tuple[str | None, str | None]:
+    """(backend requested by FUSED_RESNET_BACKEND, or None; the error message when its value is invalid)."""
+    raw = os.environ.get("FUSED_RESNET_BACKEND", "")
+    name = raw.strip().lower() or None
     if name is not None and name != "auto" and name not in BACKENDS:
-        raise ValueError(f"FUSED_RESNET_BACKEND={name!r} is not one of auto, {', '.join(BACKENDS)}")
-    return None if name == "auto" else name
+        return None, f"FUSED_RESNET_BACKEND={raw!r} is not one of auto, {', '.join(BACKENDS)}"
+    return (None if name == "auto" else name), None
 
 
-_default_backend: str | None = _env_backend()
+# An invalid environment value does not stop the import (a traceback at import breaks every tool that imports
+# the package, the command line's one-line errors included); the first op that resolves a backend raises it.
+_default_backend, _env_error = _env_backend()
+
+
+def environment_error() -> str | None:
+    """Why FUSED_RESNET_BACKEND is invalid, or None (it is valid, unset, or overridden by set_backend)."""
+    return _env_error
 
 
 def set_backend(name: str | None) -> None:
-    """Set the process-wide backend (``None`` or ``"auto"``: the fastest available per device)."""
-    global _default_backend
+    """Set the process-wide backend (``None`` or ``"auto"``: the fastest available per device). It overrides
+    FUSED_RESNET_BACKEND."""
+    global _default_backend, _env_error
     if name is not None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     _default_backend = None if name == "auto" else name
+    _env_error = None
 
 
 def get_backend() -> str | None:
@@ -121,7 +132,12 @@ def get_backend() -> str | None:
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``: ``backend``, else the global request, else auto."""
+    """The concrete backend for tensors on ``device``: ``backend``, else the global request, else auto.
+    Meta tensors carry only shapes and dtypes: every request runs the eager ops there (shape inference)."""
+    if backend is None and _env_error is not None:
+        raise ValueError(f"fused_resnet: {_env_error}")
+    if device.type == "meta":
+        return "eager"
     name = backend if backend is not None else _default_backend
     if name is None or name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("eager",)):
@@ -158,4 +174,5 @@ def build_info() -> dict:
         "triton_interpret": TRITON_INTERPRET,
         "available": {d: available_backends(d) for d in ("cpu", "cuda")},
         "default": _default_backend or "auto",
+        "environment_error": _env_error,
     }

@@ -37,31 +37,31 @@ def _like(x: Tensor, value: Tensor) -> Tensor:
 
 
 def bn_stats(x: Tensor) -> Tensor:
-    """float64 [3, C]: (count, sum x, sum x^2) per channel, from torch's own (Welford) var_mean."""
+    """float64 [3, C]: (count, mean, m2) per channel, m2 = n * biased variance, from torch's var_mean."""
     n, c = x.shape[0] * x.shape[2] * x.shape[3], x.shape[1]
     stats = torch.zeros((3, c), dtype=torch.float64, device=x.device)
     if n == 0:
         return stats
     var, mean = torch.var_mean(x.to(acc_dtype_of(x)), dim=(0, 2, 3), correction=0)
-    mean, var = mean.double(), var.double()
     stats[0] = n
-    stats[1] = n * mean
-    stats[2] = n * (var + mean * mean)
+    stats[1] = mean.double()
+    stats[2] = n * var.double()
     return stats
 
 
 def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    n, total, total_sq = stats.double()
-    mean = total / n
-    var = (total_sq / n - mean * mean).clamp_min(0.0)
+    n, mean, m2 = stats.double()
+    var = (m2 / n).clamp_min(0.0)
     invstd = torch.rsqrt(var + eps)
     if running_mean is not None:
         factor = momentum if momentum is not None else 1.0 / num_batches_tracked.double()
-        running_mean.copy_((1.0 - factor) * running_mean.double() + factor * mean)
-        running_var.copy_((1.0 - factor) * running_var.double() + factor * var * n / (n - 1.0))
-    return mean.to(dtype), invstd.to(dtype)
+        seen = n > 0  # a channel nobody saw (an all-empty synchronized batch) keeps its buffers
+        rm, rv = running_mean.double(), running_var.double()
+        running_mean.copy_(torch.where(seen, (1.0 - factor) * rm + factor * mean, rm))
+        running_var.copy_(torch.where(seen, (1.0 - factor) * rv + factor * var * n / (n - 1.0), rv))
+    return mean.to(dtype, copy=True), invstd.to(dtype)  # never a view of stats
 
 
 def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

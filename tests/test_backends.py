@@ -59,8 +59,14 @@ def test_triton_on_cpu_needs_the_interpreter():
 def test_environment_variable_selects_backend():
     result = _run("import fused_resnet; print(fused_resnet.get_backend())", FUSED_RESNET_BACKEND="eager")
     assert result.stdout.strip().endswith("eager"), result.stderr
-    bad = _run("import fused_resnet", FUSED_RESNET_BACKEND="fastest")
-    assert bad.returncode != 0 and "FUSED_RESNET_BACKEND='fastest'" in bad.stderr
+    # An invalid value does not break the import (the command line must be able to report it in one line); the
+    # first op that picks a backend automatically raises, naming it.
+    bad = _run("import torch, fused_resnet; fused_resnet.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3))",
+               FUSED_RESNET_BACKEND="fastest")
+    assert bad.returncode != 0 and "ValueError" in bad.stderr and "FUSED_RESNET_BACKEND='fastest'" in bad.stderr
+    explicit = _run("import torch, fused_resnet; print(fused_resnet.BatchNormAct2d(4, backend='eager')"
+                    "(torch.randn(2, 4, 3, 3)).shape)", FUSED_RESNET_BACKEND="fastest")
+    assert explicit.returncode == 0, explicit.stderr
 
 
 def test_set_backend_is_global_and_explicit():

@@ -52,21 +52,16 @@ FR_HOST_DEVICE void welford_merge(acc_t& n_a, acc_t& mean_a, acc_t& m2_a, acc_t 
   n_a = n;
 }
 
-// A partial (count, mean, m2) as the raw sums (count, sum x, sum x^2) in double. Raw sums add up under an
-// all-reduce; double keeps sum x^2 - (sum x)^2 / n accurate for |mean| / std up to ~1e6.
-FR_HOST_DEVICE void welford_to_raw_sums(double n, double mean, double m2, double* count, double* sum,
-                                        double* sumsq) {
-  *count = n;
-  *sum = n * mean;
-  *sumsq = m2 + n * mean * mean;
-}
-
-// Batch mean and biased variance from the raw sums; variance clamped at 0 against rounding. Written as
-// `v < 0` so that a NaN variance stays NaN (NaN data must not give finite statistics).
-FR_HOST_DEVICE void raw_sums_to_mean_var(double n, double sum, double sumsq, double* mean, double* var) {
-  const double m = sum / n;
-  const double v = sumsq / n - m * m;
-  *mean = m;
+// The statistics format shared by every implementation (and, later, the convolution epilogues): per channel,
+// float64 (count, mean, m2), m2 = sum of squared deviations from the mean. Partials of it merge exactly with
+// welford_merge; raw sums (count, sum x, sum x^2) would not: sum x^2 / n - mean^2 cancels catastrophically when
+// |mean| >> std (1e-4 relative error at mean 1e6 / std 1 in float64, garbage at 1e8).
+//
+// Batch mean and biased variance from one (count, mean, m2) summary; the variance is clamped at 0 against
+// rounding. Written as `v < 0` so that a NaN variance stays NaN (NaN data must not give finite statistics).
+FR_HOST_DEVICE void stats_to_mean_var(double n, double mean, double m2, double* mean_out, double* var) {
+  const double v = m2 / n;
+  *mean_out = mean;
   *var = v < 0.0 ? 0.0 : v;
 }
 

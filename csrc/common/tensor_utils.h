@@ -91,7 +91,7 @@ inline void check_apply_args(const at::Tensor& x, const at::Tensor& mean, const 
 
 inline void check_stats(const at::Tensor& stats) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble,
-              "fused_resnet: stats must be float64 [3, C] (count, sum, sum of squares), got ",
+              "fused_resnet: stats must be float64 [3, C] (count, mean, m2), got ",
               stats.scalar_type(), " ", stats.sizes());
 }
 

@@ -2,8 +2,8 @@
 //
 // It is also the CPU twin of the GPU kernels' algorithm: reductions are split into fixed chunks of rows (a
 // GPU program / thread block each); a chunk's statistics are accumulated on values shifted by its first row,
-// tile by tile (exact two-pass tile mean and m2, then a Chan merge), and written as float64 raw sums;
-// partials are combined in a fixed order. Results therefore do not depend on the number of threads.
+// tile by tile (exact two-pass tile mean and m2, then a Chan merge), and written as float64 (count, mean, m2);
+// partials are Chan-merged in a fixed order. Results therefore do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -98,10 +98,11 @@ void stats_chunks(const scalar_t* xp, const Layout& l, int64_t M, int64_t P, dou
         }
         n += nt;
       }
-      double* out = partial + p * 3 * C;
+      double* out = partial + p * 3 * C;  // (count, mean, m2), the shift added back in double
       for (int64_t c = 0; c < C; ++c) {
-        welford_to_raw_sums(n, static_cast<double>(mean[c]) + static_cast<double>(shift[c]), m2[c], out + c,
-                            out + C + c, out + 2 * C + c);
+        out[c] = static_cast<double>(n);
+        out[C + c] = static_cast<double>(mean[c]) + static_cast<double>(shift[c]);
+        out[2 * C + c] = static_cast<double>(m2[c]);
       }
     }
   });
@@ -112,15 +113,16 @@ at::Tensor stats_impl(const at::Tensor& x) {
   const Layout l = layout_of(x);
   const int64_t M = l.N * l.HW, C = l.C;
   const int64_t P = ceil_div(M, kChunkRows);
-  // partial[p][k][c], k = (count, sum, sum of squares)
+  // partial[p][k][c], k = (count, mean, m2)
   std::vector<double> partial(static_cast<size_t>(P * 3 * C));
   with_flag(l.s_c == 1, [&](auto unit) {
     stats_chunks<scalar_t, decltype(unit)::value>(x.const_data_ptr<scalar_t>(), l, M, P, partial.data());
   });
   at::Tensor stats = at::zeros({3, C}, x.options().dtype(at::kDouble));
   double* sp = stats.data_ptr<double>();
-  for (int64_t p = 0; p < P; ++p) {  // fixed order: deterministic
-    for (int64_t k = 0; k < 3 * C; ++k) sp[k] += partial[p * 3 * C + k];
+  for (int64_t p = 0; p < P; ++p) {  // Chan merges in a fixed order: deterministic
+    const double* q = partial.data() + p * 3 * C;
+    for (int64_t c = 0; c < C; ++c) welford_merge<double>(sp[c], sp[C + c], sp[2 * C + c], q[c], q[C + c], q[2 * C + c]);
   }
   return stats;
 }
@@ -167,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& stats_in,
   for (int64_t c = 0; c < C; ++c) {
     const double n = sp[c];
     double var;
-    raw_sums_to_mean_var(n, sp[C + c], sp[2 * C + c], &mp[c], &var);
+    stats_to_mean_var(n, sp[C + c], sp[2 * C + c], &mp[c], &var);
     ip[c] = 1.0 / std::sqrt(var + eps);
-    if (update) {
+    if (update && n > 0.0) {  // a channel nobody saw (an all-empty synchronized batch) keeps its buffers
       rm.data_ptr<double>()[c] = running_update(rm.data_ptr<double>()[c], mp[c], factor);
       rv.data_ptr<double>()[c] = running_update(rv.data_ptr<double>()[c], var * n / (n - 1.0), factor);
     }

@@ -23,14 +23,15 @@
 //      (all ROWS loads are issued before any arithmetic). The TY per-thread results of each channel are
 //      merged by a shared-memory tree (fixed pairing: ty += ty + s for s = TY/2 ... 1), and ty == 0 writes
 //      the block's partial to partials[p][k][c].
-//   2. reduce_partials_kernel sums the P partials of each (k, c) in a fixed order.
+//   2. a second kernel combines the P partials of each channel in a fixed order: reduce_partials_kernel sums
+//      them (bn_backward_reduce), merge_stats_partials_kernel Chan-merges them (bn_stats).
 //   Everything is deterministic (no atomics) for a given launch configuration. When P == 1 the first kernel
 //   writes the final result directly.
 //   bn_stats: values are shifted by the block's first row (per channel, as the CPU twin's chunks); per
 //   thread, each group of ROWS rows is reduced exactly (two passes: group mean, then sum of squared
 //   deviations) and merged into the thread's running (count, mean, m2) with welford_merge (Chan); threads
-//   are merged with welford_merge too; the block partial is stored as raw sums in double
-//   (welford_to_raw_sums of mean + shift), and the partials are summed in double.
+//   are merged with welford_merge too; the block partial is stored as (count, mean + shift, m2) in double,
+//   the statistics format of the contract, and the partials are Chan-merged in double.
 //
 // Elementwise kernels (bn_act, bn_backward_elemt): same thread mapping, grid (channel blocks, row blocks),
 // grid-stride loop over rows; per-channel constants (mean, scale, bias, ...) are computed once per thread.
@@ -301,8 +302,9 @@ __global__ void __launch_bounds__(kBlockThreads, kStatsMinBlocksPerSM)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = c0 + j;
-      welford_to_raw_sums(static_cast<double>(n), static_cast<double>(mean[j]) + static_cast<double>(shift[j]),
-                          static_cast<double>(m2[j]), out + c, out + C + c, out + 2 * C + c);
+      out[c] = static_cast<double>(n);
+      out[C + c] = static_cast<double>(mean[j]) + static_cast<double>(shift[j]);
+      out[2 * C + c] = static_cast<double>(m2[j]);
     }
   }
 }
@@ -336,6 +338,45 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (ty == 0 && c < C) out[static_cast<int64_t>(k) * C + c] = buf[0][tx];
 }
 
+// Pass 2 of bn_stats: stats[:, c] = the Chan merge of the P partials (count, mean, m2) of channel c.
+// Block (kPartialsTX, kPartialsTY), grid ceil(C / kPartialsTX). Thread ty merges p = ty, ty + TY, ... in
+// order, then a fixed shared-memory tree over ty (as the statistics kernel's block merge): deterministic.
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_stats_partials_kernel(const double* __restrict__ partials, const int64_t P, const int64_t C,
+                                double* __restrict__ stats) {
+  __shared__ double s_n[kPartialsTY][kPartialsTX];
+  __shared__ double s_mean[kPartialsTY][kPartialsTX];
+  __shared__ double s_m2[kPartialsTY][kPartialsTX];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kPartialsTX + tx;
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  if (c < C) {
+    for (int64_t p = ty; p < P; p += kPartialsTY) {
+      const double* q = partials + p * 3 * C + c;
+      welford_merge<double>(n, mean, m2, q[0], q[C], q[2 * C]);
+    }
+  }
+  s_n[ty][tx] = n;
+  s_mean[ty][tx] = mean;
+  s_m2[ty][tx] = m2;
+  __syncthreads();
+#pragma unroll
+  for (int s = kPartialsTY / 2; s > 0; s >>= 1) {
+    if (ty < s) {
+      welford_merge<double>(n, mean, m2, s_n[ty + s][tx], s_mean[ty + s][tx], s_m2[ty + s][tx]);
+      s_n[ty][tx] = n;
+      s_mean[ty][tx] = mean;
+      s_m2[ty][tx] = m2;
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && c < C) {
+    stats[c] = n;
+    stats[C + c] = mean;
+    stats[2 * C + c] = m2;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // bn_finalize: one thread per channel. stats is contiguous double [3, C]. Running buffers (both or neither,
 // contiguous, of type R) are read, updated in double and stored back. The cumulative-average factor
@@ -350,9 +391,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (c >= C) return;
   const double n = stats[c];
   double mean, var;
-  raw_sums_to_mean_var(n, stats[C + c], stats[2 * C + c], &mean, &var);
+  stats_to_mean_var(n, stats[C + c], stats[2 * C + c], &mean, &var);
   const double invstd = 1.0 / sqrt(var + eps);
-  if (running_mean != nullptr) {
+  if (running_mean != nullptr && n > 0.0) {  // a channel nobody saw keeps its buffers
     const double factor = has_momentum ? momentum : 1.0 / static_cast<double>(num_batches_tracked[0]);
     running_mean[c] = static_cast<R>(running_update(static_cast<double>(running_mean[c]), mean, factor));
     running_var[c] =

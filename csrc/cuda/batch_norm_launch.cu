@@ -218,8 +218,8 @@ cudaError_t launch_bn_stats(const void* x, const Layout& lx, DType dtype, int64_
   if (!known) return cudaErrorInvalidValue;
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || P == 1) return err;
-  const dim3 grid2(static_cast<unsigned>(cdiv(C, kPartialsTX)), 3);
-  reduce_partials_kernel<double><<<grid2, dim3(kPartialsTX, kPartialsTY), 0, stream>>>(partials, P, 3, C, stats);
+  const dim3 grid2(static_cast<unsigned>(cdiv(C, kPartialsTX)));
+  merge_stats_partials_kernel<<<grid2, dim3(kPartialsTX, kPartialsTY), 0, stream>>>(partials, P, C, stats);
   return cudaGetLastError();
 }
 

@@ -25,7 +25,7 @@ enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 int64_t stats_num_partials(const Layout& lx, DType dtype);
 int64_t backward_reduce_num_partials(const Layout& lx, DType dtype);
 
-// stats: double [3, C] contiguous (count, sum x, sum x^2). partials: double [P, 3, C] when P > 1.
+// stats: double [3, C] contiguous (count, mean, m2). partials: double [P, 3, C] when P > 1.
 cudaError_t launch_bn_stats(const void* x, const Layout& lx, DType dtype, int64_t num_partials, double* partials,
                             double* stats, cudaStream_t stream);
 

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.argv = argv
+    from .. import backends
+
+    if backends.environment_error() is not None:
+        print(f"fused-resnet {args.command}: error: {backends.environment_error()}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except CLIError as exc:

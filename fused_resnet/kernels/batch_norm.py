@@ -11,13 +11,15 @@ otherwise n and hw are split with one division. Triton specialises strides equal
 (s_c = 1) gets contiguous, vectorised loads along channels.
 
 Reductions (statistics, backward sums) run in two launches: a grid of (row chunk, channel block) programs
-writes per-program partial results, and a second kernel sums them in a fixed order. No atomics, so results
-are deterministic and a distributed all-reduce can sit between the statistics and their use.
+writes per-program partial results, and a second kernel combines them in a fixed order (a Chan merge of
+(count, mean, m2) for the statistics, a sum for the backward). No atomics, so results are deterministic, and
+a distributed merge can sit between the statistics and their use.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -77,7 +79,7 @@ def _relu(z):
 
 @triton.jit
 def _bn_stats_partial_kernel(
-    x_ptr, part_ptr,                      # part: float64 [P, 3, C] = (count, sum, sum of squares)
+    x_ptr, part_ptr,                      # part: float64 [P, 3, C] = (count, mean, m2)
     M, C, HW, s_n, s_c, s_hw, rows_per_prog,
     ROWS_MERGED: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -116,13 +118,36 @@ def _bn_stats_partial_kernel(
     spread = mean - mean_c[None, :]
     m2_c = tl.sum(m2, 0) + tl.sum(spread * spread * count[:, None], 0)
 
-    # (count, mean, m2) -> raw sums in float64, which add up across programs (and across processes).
-    n = n_c.to(tl.float64)
-    mean64 = mean_c.to(tl.float64) + tl.reshape(shift, [BLOCK_C]).to(tl.float64)
+    # (count, mean, m2) in float64, the shift added back: the contract's statistics format.
     out = part_ptr + pid_m * 3 * C + cols
-    tl.store(out, n, mask=cmask)
-    tl.store(out + C, n * mean64, mask=cmask)
-    tl.store(out + 2 * C, m2_c.to(tl.float64) + n * mean64 * mean64, mask=cmask)
+    tl.store(out, n_c.to(tl.float64), mask=cmask)
+    tl.store(out + C, mean_c.to(tl.float64) + tl.reshape(shift, [BLOCK_C]).to(tl.float64), mask=cmask)
+    tl.store(out + 2 * C, m2_c.to(tl.float64), mask=cmask)
+
+
+@triton.jit
+def _merge_stats_kernel(part_ptr, stats_ptr, P, C, BLOCK_C: tl.constexpr):
+    """stats[:, c] = Chan merge of the P partials (count, mean, m2) [P, 3, C] of channel c, in order p = 0..P-1
+    (deterministic); float64. An empty partial (count 0) leaves the running summary unchanged."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for p in range(0, P):
+        q = part_ptr + p * 3 * C + cols
+        n_b = tl.load(q, mask=cmask, other=0.0)
+        mean_b = tl.load(q + C, mask=cmask, other=0.0)
+        m2_b = tl.load(q + 2 * C, mask=cmask, other=0.0)
+        total = n + n_b
+        frac = tl.where(n_b > 0, n_b / tl.where(total > 0, total, 1.0), 0.0)
+        delta = tl.where(n_b > 0, mean_b - mean, 0.0)
+        mean += delta * frac
+        m2 += tl.where(n_b > 0, m2_b + delta * delta * n * frac, 0.0)
+        n = total
+    tl.store(stats_ptr + cols, n, mask=cmask)
+    tl.store(stats_ptr + C + cols, mean, mask=cmask)
+    tl.store(stats_ptr + 2 * C + cols, m2, mask=cmask)
 
 
 @triton.jit
@@ -141,17 +166,21 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_K
 @triton.jit
 def _bn_finalize_kernel(
     stats_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
-    C, momentum, eps,
+    C, momentum_hi, momentum_mid, momentum_lo, eps_hi, eps_mid, eps_lo,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per channel, in float64: mean, biased var -> invstd; running buffers updated in their own dtype."""
+    """Per channel, in float64: mean, biased var = m2 / n -> invstd; running buffers updated in their own dtype.
+
+    Triton passes Python floats as fp32 scalars, so momentum and eps arrive as three fp32 parts each
+    (hi + mid + lo, see _float64_parts), summed back exactly in float64 (each part is promoted by the float64
+    zeros it is added to, which works compiled and in the interpreter alike)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    zero = tl.zeros([BLOCK_C], dtype=tl.float64)
+    eps = ((zero + eps_hi) + eps_mid) + eps_lo
     n = tl.load(stats_ptr + cols, mask=cmask, other=2.0)
-    total = tl.load(stats_ptr + C + cols, mask=cmask, other=0.0)
-    total_sq = tl.load(stats_ptr + 2 * C + cols, mask=cmask, other=0.0)
-    mean = total / n
-    var = total_sq / n - mean * mean
+    mean = tl.load(stats_ptr + C + cols, mask=cmask, other=0.0)
+    var = tl.load(stats_ptr + 2 * C + cols, mask=cmask, other=0.0) / n
     var = tl.where(var < 0.0, 0.0, var)  # rounding guard; NaN passes
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=cmask)
@@ -160,11 +189,12 @@ def _bn_finalize_kernel(
         if CUMULATIVE:  # momentum=None: cumulative average over num_batches_tracked (read on device)
             factor = 1.0 / tl.load(nbt_ptr).to(tl.float64)
         else:
-            factor = momentum  # fp32 scalar; promoted to float64 below
+            factor = ((zero + momentum_hi) + momentum_mid) + momentum_lo
         rmean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
         rvar = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
-        rmean = (1.0 - factor) * rmean + factor * mean
-        rvar = (1.0 - factor) * rvar + factor * (var * n / (n - 1.0))
+        seen = n > 0  # a channel nobody saw (an all-empty synchronized batch) keeps its buffers
+        rmean = tl.where(seen, (1.0 - factor) * rmean + factor * mean, rmean)
+        rvar = tl.where(seen, (1.0 - factor) * rvar + factor * (var * n / (n - 1.0)), rvar)
         tl.store(rmean_ptr + cols, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
         tl.store(rvar_ptr + cols, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)
 
@@ -335,6 +365,20 @@ def _sum_partials(part: Tensor, out: Tensor) -> None:
     _sum_partials_kernel[(triton.cdiv(K, block_k),)](part, out, P, K, BLOCK_P=16, BLOCK_K=block_k)
 
 
+def _merge_stats(part: Tensor, stats: Tensor) -> None:
+    C = stats.shape[1]
+    block_c = min(triton.next_power_of_2(C), 128)
+    _merge_stats_kernel[(triton.cdiv(C, block_c),)](part, stats, part.shape[0], C, BLOCK_C=block_c)
+
+
+def _float64_parts(v: float) -> tuple[float, float, float]:
+    """v as hi + mid + lo, each exactly representable in fp32 (24 + 24 + 24 >= 53 bits): the sum in float64
+    is v itself for every v whose parts stay in fp32's normal range (|v| > ~1e-30)."""
+    hi = float(np.float32(v))
+    mid = float(np.float32(v - hi))
+    return hi, mid, float(np.float32(v - hi - mid))
+
+
 def bn_stats(x: Tensor) -> Tensor:
     x = kernel_layout(x)
     N, C, H, W = x.shape
@@ -350,7 +394,7 @@ def bn_stats(x: Tensor) -> Tensor:
         x, part, M, C, H * W, s_n, s_c, s_hw, rows_per_prog,
         ROWS_MERGED=merged, ACC=_TL_ACC[acc_dtype_of(x)], BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    _sum_partials(part, stats)
+    _merge_stats(part, stats)
     return stats
 
 
@@ -371,7 +415,7 @@ def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Opti
     _bn_finalize_kernel[(triton.cdiv(C, block_c),)](
         stats, mean, invstd, rm if update else mean, rv if update else mean,
         num_batches_tracked if num_batches_tracked is not None else stats,
-        C, 0.0 if momentum is None else momentum, eps,
+        C, *_float64_parts(0.0 if momentum is None else momentum), *_float64_parts(eps),
         UPDATE_RUNNING=update, CUMULATIVE=momentum is None, BLOCK_C=block_c,
     )
     if update and rm is not running_mean:

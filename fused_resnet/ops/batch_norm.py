@@ -4,12 +4,16 @@ Contract (identical for every implementation: Triton ``fused_resnet/kernels/batc
 ``csrc/cuda``, C++ CPU ``csrc/cpu``, eager ``fused_resnet/reference.py``; one channel c over its n = N*H*W
 elements; acc = float32, or float64 for float64 activations):
 
-  bn_stats(x) -> float64 [3, C]               (n, sum x, sum x^2), accumulated in acc as centred partial
-                                              sums (Welford / Chan), so mean 1e4 / std 1 in fp32 is exact
-                                              to rounding; raw float64 sums add up under an all-reduce.
+  bn_stats(x) -> float64 [3, C]               (count, mean, m2), m2 = sum of squared deviations from the
+                                              mean: accumulated in acc as centred partials, Chan-merged in
+                                              float64 in a fixed order, so mean 1e4 / std 1 in fp32 and
+                                              mean 1e8 / std 1 in fp64 stay exact to rounding. Summaries from
+                                              several processes merge exactly (merge_stats), raw sums of
+                                              squares would cancel.
   bn_finalize(stats, running_mean?, running_var?, num_batches_tracked?, momentum?, eps, dtype)
-      -> (mean, invstd) of dtype              updates the running buffers in place like nn.BatchNorm2d
-                                              (unbiased running_var; momentum=None: factor 1/num_batches).
+      -> (mean, invstd) of dtype              var = m2 / count; updates the running buffers in place like
+                                              nn.BatchNorm2d (unbiased running_var; momentum=None: factor
+                                              1/num_batches), all in float64; a channel of count 0 keeps them.
   bn_act(x, mean, invstd, weight?, bias?, residual?, relu) -> y
                                               y = relu?(x * scale + shift [+ residual]) in x's dtype,
                                               scale = weight * invstd, shift = bias - mean * scale.
@@ -158,7 +162,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: 
 
 
 def _eager(*tensors) -> bool:
-    return not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
+    """Plain tensors outside torch.compile and torch.jit.trace (which must record the custom ops themselves)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 def _stats(x: Tensor, backend: str) -> Tensor:
@@ -170,7 +176,7 @@ def _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, e
         return bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype, backend)
     out = _impl(backend).bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype)
     for buffer in (running_mean, running_var):
-        if buffer is not None:  # as the custom op's mutation annotation would (the eval fold cache keys on it)
+        if buffer is not None:  # as the custom op's mutation annotation would (autograd's saved-tensor checks see it)
             torch.autograd.graph.increment_version(buffer)
     return out
 
@@ -214,6 +220,57 @@ def eager_autograd(op, setup_context, backward):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Double backward. When backward itself is recorded (create_graph=True: gradient penalties, MAML, Hessian-vector
+# products), the kernels' backward is not differentiable, so the ops' backward formulas switch to eager PyTorch
+# ops on the saved tensors: differentiable to any order, and exact with respect to the batch statistics.
+
+
+def differentiable_bn(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      count: Optional[Tensor], group_name: Optional[str]) -> Tensor:
+    """(x - mean) * weight * invstd + bias in plain torch ops, in the accumulation dtype. With batch statistics
+    (``count`` given) mean and invstd are recomputed from x, so that their dependence on x is in the graph;
+    their values stay the saved ones (value + (g - g.detach()) carries g's gradient). eps is not needed: the
+    derivative of rsqrt(var + eps) is -invstd^3 / 2, a function of the saved invstd alone."""
+    acc = mean.dtype
+    xa = x.to(acc)
+    if count is not None:
+        if group_name is not None:
+            raise RuntimeError("fused_resnet: double backward (create_graph=True) through synchronized BatchNorm is "
+                               "not supported; run the penalty term without sync_bn, or use nn.BatchNorm2d there")
+        var_b, mean_b = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+        eps_hat = (invstd.detach() ** -2 - var_b.detach())  # var_b + eps_hat == 1 / invstd^2
+        g = torch.rsqrt(var_b + eps_hat)
+        mean = mean.detach() + (mean_b - mean_b.detach())
+        invstd = invstd.detach() + (g - g.detach())
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    z = (xa - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+    return z if bias is None else z + bias.to(acc).view(1, -1, 1, 1)
+
+
+def differentiable_grads(output: Tensor, inputs: list, grad: Tensor) -> list:
+    """d(output)/d(inputs) . grad with create_graph=True; None for inputs that are None."""
+    wanted = [t for t in inputs if t is not None]
+    found = iter(torch.autograd.grad(output, wanted, grad, create_graph=True, allow_unused=True) if wanted else ())
+    return [None if t is None else next(found) for t in inputs]
+
+
+def _bn_act_double_backward(grad, x, mean, invstd, weight, bias, count, out, relu, group_name, need):
+    """(grad_x, grad_weight, grad_bias, grad_residual) of bn_act, differentiable. The ReLU mask is the forward's:
+    out > 0 when a residual entered before the ReLU (out saved), else recomputed from x."""
+    need_x, need_w, need_b, need_r = need
+    with torch.enable_grad():
+        z = differentiable_bn(x, mean, invstd, weight, bias, count, group_name)
+        dz = grad.to(z.dtype)
+        if relu:
+            active = (out > 0) if out is not None else (z.detach() > 0)
+            dz = dz * active
+        grad_x, grad_w, grad_b = differentiable_grads(
+            z, [x if need_x else None, weight if need_w else None, bias if need_b else None], dz)
+    grad_r = dz.to(grad.dtype) if need_r else None
+    return grad_x, grad_w, grad_b, grad_r
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Autograd of bn_act: one reduction pass and one elementwise pass, recomputing xhat and the ReLU mask.
 
 
@@ -230,6 +287,27 @@ def _all_reduce_sum(t: Tensor, group_name: str) -> Tensor:
     import torch.distributed._functional_collectives as funcol
 
     return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
+
+
+def merge_stats(parts: Tensor) -> Tensor:
+    """One (count, mean, m2) summary float64 [3, C] from P summaries [P, 3, C] (one per process): count = sum n_i,
+    mean = sum n_i mean_i / count, m2 = sum m2_i + sum n_i (mean_i - mean)^2. Every term is a weighted mean or a
+    sum of non-negative squares, so nothing cancels; empty summaries (n_i = 0) contribute nothing. A handful of
+    vectorised ops whatever P, deterministic for a given P."""
+    n_i, mean_i, m2_i = parts.unbind(1)
+    n = n_i.sum(0)
+    mean = (n_i * mean_i).sum(0) / torch.where(n > 0, n, 1.0)
+    spread = torch.where(n_i > 0, mean_i - mean, 0.0)
+    return torch.stack([n, mean, m2_i.sum(0) + (n_i * spread * spread).sum(0)])
+
+
+def _all_gather_stats(stats: Tensor, group_name: str) -> Tensor:
+    """The statistics of the whole process group: every process's summary gathered, then merged in rank order.
+    (A summary of (count, mean, m2) does not add up under an all-reduce; raw sums would, but cancel.)"""
+    import torch.distributed._functional_collectives as funcol
+
+    gathered = funcol.wait_tensor(funcol.all_gather_tensor(stats.contiguous(), 0, group_name))
+    return merge_stats(gathered.view(-1, *stats.shape))
 
 
 def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend, group_name,
@@ -267,6 +345,11 @@ def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend,
 def _bn_act_backward(ctx, grad):
     x, mean, invstd, weight, bias, count, out = ctx.saved_tensors
     need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+    if torch.is_grad_enabled():  # create_graph=True
+        grad_x, grad_w, grad_b, grad_r = _bn_act_double_backward(grad, x, mean, invstd, weight, bias, count, out,
+                                                                 ctx.relu, ctx.group_name,
+                                                                 (need_x, need_w, need_b, need_r))
+        return grad_x, None, None, grad_w, grad_b, grad_r, None, None, None, None
     grad_x, grad_w, grad_b, grad_r = bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, ctx.relu,
                                                   ctx.backend, ctx.group_name, need_x, need_w, need_b, need_r)
     return grad_x, None, None, grad_w, grad_b, grad_r, None, None, None, None
@@ -338,7 +421,8 @@ def _reference_composite(x, running_mean, running_var, weight, bias, training, m
 
 
 def batch_norm_stats(x: Tensor, backend: Optional[str] = None) -> Tensor:
-    """Per-channel (count, sum, sum of squares) as float64 [3, C]: the all-reducible batch statistics."""
+    """Per-channel (count, mean, m2) as float64 [3, C], m2 the sum of squared deviations from the mean: the batch
+    statistics, mergeable across processes with ``merge_stats``."""
     _check_inputs(x, None, None, None, None, None, None)
     return bn_stats(x.detach(), backends.resolve(backend, x.device))
 
@@ -365,17 +449,23 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training,
         raise ValueError("fused_resnet: momentum=None (cumulative moving average) needs num_batches_tracked")
 
 
+def _check_eps(eps, training: bool) -> None:
+    # nn.functional.batch_norm's own check and message: eps <= 0 would give NaN on a constant channel.
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def normalization_statistics(x, running_mean, running_var, training, momentum, eps, num_batches_tracked, backend,
                              process_group=None):
     """(mean, invstd, count, group_name) that normalise x: its batch statistics when training (updating the
-    running buffers; all-reduced over ``process_group`` when given), else the running ones (count None)."""
+    running buffers; merged over ``process_group`` when given), else the running ones (count None)."""
     acc = acc_dtype_of(x)
     if training:
         stats = _stats(x.detach(), backend)
         group_name = None
         if process_group is not None:
             group_name = process_group.group_name
-            stats = _all_reduce_sum(stats, group_name)
+            stats = _all_gather_stats(stats, group_name)
         mean, invstd = _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, acc, backend)
         return mean, invstd, stats[0], group_name
     with torch.no_grad():
@@ -400,11 +490,15 @@ def prepare_normalization(x, running_mean, running_var, weight, bias, training, 
                           backend, process_group, residual=None) -> Optional[Normalization]:
     """The shared entry of every functional BatchNorm op: check the arguments, resolve the backend (an explicit
     unavailable one raises even for empty input), and compute the statistics (updating the running buffers when
-    training). None for an empty input, which the caller handles with eager PyTorch."""
+    training). None for an empty input, which the caller handles with eager PyTorch, except in synchronized
+    training: as nn.SyncBatchNorm, an empty process still joins the statistics merge (with count 0) and, through
+    the ops' backward, the gradient all-reduce, so that every process runs the same collectives in the same
+    order."""
     _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
                            num_batches_tracked, process_group)
+    _check_eps(eps, training)
     backend = backends.resolve(backend, x.device)
-    if x.numel() == 0:
+    if x.numel() == 0 and not (training and process_group is not None):
         return None
     mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
                                                                eps, num_batches_tracked, backend, process_group)

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads, eager_autograd
+from .batch_norm import (_empty_act, _impl, bn_act, bn_act_grads, differentiable_bn, differentiable_grads,
+                         eager_autograd)
 
 
 def _conv(r: Tensor, conv_weight: Tensor, stride, padding, dilation, groups) -> Tensor:
@@ -54,6 +55,15 @@ def _backward(ctx, grad_out):
     need_x, need_w, need_b, need_cw = (ctx.needs_input_grad[i] for i in (0, 3, 4, 6))
     stride, padding, dilation, groups = ctx.conv_args
     need_r = need_x or need_w or need_b
+    if torch.is_grad_enabled():  # create_graph=True: differentiable eager ops (see ops/batch_norm.py)
+        with torch.enable_grad():
+            z = differentiable_bn(x, mean, invstd, weight, bias, count, ctx.group_name)
+            r = (torch.relu(z) if ctx.relu else z).to(conv_weight.dtype)
+            y = torch.nn.functional.conv2d(r, conv_weight, None, stride, padding, dilation, groups)
+            grad_x, grad_w, grad_b, grad_cw = differentiable_grads(
+                y, [x if need_x else None, weight if need_w else None, bias if need_b else None,
+                    conv_weight if need_cw else None], grad_out)
+        return grad_x, None, None, grad_w, grad_b, None, grad_cw, None, None, None, None, None, None, None
     r = bn_act(x, mean, invstd, weight, bias, None, None, ctx.relu, ctx.backend, None).to(conv_weight.dtype)
     grad_r, grad_cw, _ = torch.ops.aten.convolution_backward(
         grad_out, r, conv_weight, None, stride, padding, dilation, False, [0, 0], groups, [need_r, need_cw, False])
@@ -85,7 +95,7 @@ def conv_dtype_for(x: Tensor, conv_weight: Tensor) -> torch.dtype:
     """The dtype the convolution runs in: autocast's where it is on (as F.conv2d would cast), else the
     weight's, which must then match the input's exactly as eager PyTorch requires."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     if conv_weight.dtype != x.dtype:
         raise TypeError(f"fused_resnet: input type ({x.dtype}) and conv weight type ({conv_weight.dtype}) should "

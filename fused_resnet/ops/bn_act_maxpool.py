@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import _empty_act, _impl, bn_act, bn_act_grads, eager_autograd
+from .batch_norm import (_empty_act, _impl, bn_act, bn_act_grads, differentiable_bn, differentiable_grads,
+                         eager_autograd)
 
 
 def _pool(r: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
@@ -48,7 +49,15 @@ def _backward(ctx, grad_out):
     x, mean, invstd, weight, bias, count = ctx.saved_tensors
     need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
     grad_x = grad_w = grad_b = None
-    if need_x or need_w or need_b:
+    if (need_x or need_w or need_b) and torch.is_grad_enabled():  # create_graph=True (see ops/batch_norm.py)
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.pool_args
+        with torch.enable_grad():
+            z = differentiable_bn(x, mean, invstd, weight, bias, count, ctx.group_name)
+            r = (torch.relu(z) if ctx.relu else z).to(x.dtype)
+            y = torch.nn.functional.max_pool2d(r, kernel_size, stride, padding, dilation, ceil_mode)
+            grad_x, grad_w, grad_b = differentiable_grads(
+                y, [x if need_x else None, weight if need_w else None, bias if need_b else None], grad_out)
+    elif need_x or need_w or need_b:
         r = bn_act(x, mean, invstd, weight, bias, None, None, ctx.relu, ctx.backend, None)
         _, indices = _pool(r, *ctx.pool_args)
         grad_r = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, r, *ctx.pool_args, indices)
