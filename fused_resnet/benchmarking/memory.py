@@ -54,16 +54,21 @@ class SavedTensorCounter:
 
     def run(self, forward: Callable[[], object]) -> object:
         """Run ``forward`` (a training forward of the model) while counting."""
-        handles = []
-        for name, child in self.model.named_children():
-            stage = stage_of(name)
-            handles.append(child.register_forward_pre_hook(lambda *_, s=stage: setattr(self, "stage", s)))
+        handles = [child.register_forward_pre_hook(lambda *_, s=stage: setattr(self, "stage", s))
+                   for child, stage in _stage_markers(self.model)]
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 return forward()
         finally:
             for h in handles:
                 h.remove()
+
+
+def _stage_markers(model: nn.Module) -> list:
+    """(child, stage) for the children whose forward pre-hook marks the start of a stage after the stem. The
+    stem's own modules (conv1, bn1, relu, maxpool) get no hook: the fused ResNet reads them directly and runs
+    its original forward while any of them has a hook, which is exactly what is not to be measured."""
+    return [(child, stage_of(name)) for name, child in model.named_children() if stage_of(name) != "stem"]
 
 
 def saved_activation_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
@@ -86,13 +91,12 @@ def stage_peaks_cuda(model: nn.Module, step: Callable[[], object], device: torch
         torch.cuda.reset_peak_memory_stats(device)
         current["stage"] = stage
 
-    handles = [child.register_forward_pre_hook(lambda *_, s=stage_of(name): enter(s))
-               for name, child in model.named_children()]
+    handles = [child.register_forward_pre_hook(lambda *_, s=stage: enter(s)) for child, stage in _stage_markers(model)]
     # The backward starts after the head's forward: a forward hook on the model marks it.
     handles.append(model.register_forward_hook(lambda *_: enter("backward")))
     try:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        enter("stem")
         step()
         torch.cuda.synchronize(device)
         enter(None)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import torchvision_reference as ref
 from .convert import convert
-from .fused_blocks import _FUSED_CLASSES, FusedBasicBlockMixin, FusedBottleneckMixin, FusedResNetMixin
+from .blocks import FusedBasicBlockMixin, FusedBottleneckMixin, FusedResNetMixin, register_fused_class
 
 
 class FusedBasicBlock(FusedBasicBlockMixin, ref.BasicBlock):
@@ -28,9 +28,9 @@ class FusedBottleneck(FusedBottleneckMixin, ref.Bottleneck):
     """The reference Bottleneck with its fused forward."""
 
 
-# convert() turns the reference blocks into these named classes.
-_FUSED_CLASSES[(ref.BasicBlock, FusedBasicBlockMixin)] = FusedBasicBlock
-_FUSED_CLASSES[(ref.Bottleneck, FusedBottleneckMixin)] = FusedBottleneck
+# convert() turns the reference blocks into these named (importable) classes.
+register_fused_class(FusedBasicBlock, ref.BasicBlock, FusedBasicBlockMixin)
+register_fused_class(FusedBottleneck, ref.Bottleneck, FusedBottleneckMixin)
 
 
 _REFERENCE_BLOCK = {FusedBasicBlock: ref.BasicBlock, FusedBottleneck: ref.Bottleneck,
@@ -69,6 +69,10 @@ class FusedResNet(FusedResNetMixin, ref.ResNet):
         convert(self, backend=backend, sync_bn=sync_bn or None)
         if self.fused_resnet_report.skipped:  # cannot happen for the builders' own modules
             raise RuntimeError(f"fused_resnet: internal error: unfused modules\n{self.fused_resnet_report}")
+
+
+# convert() of a reference ResNet makes it a FusedResNet (its __init__ is not run by a class swap).
+register_fused_class(FusedResNet, ref.ResNet, FusedResNetMixin)
 
 
 def load_weights(model: nn.Module, weights: Any, progress: bool = True) -> None:

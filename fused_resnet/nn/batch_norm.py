@@ -1,13 +1,56 @@
 """BatchNorm2d fused with an optional residual add and ReLU, as a drop-in nn.BatchNorm2d."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from torch import Tensor, nn
 
 from ..ops.batch_norm import batch_norm_act
-from ..ops.bn_act_conv import batch_norm_act_conv
-from ..ops.bn_act_maxpool import batch_norm_act_maxpool
+
+
+def sync_process_group(bn: nn.BatchNorm2d):
+    """The process group whose statistics ``bn`` merges in this forward, or None: synchronized BN (an
+    nn.SyncBatchNorm, or a BatchNormAct2d with ``sync``) in training mode, under torch.distributed with more
+    than one process in the group, as nn.SyncBatchNorm decides."""
+    if not bn.training or not (isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "sync", False)):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def batch_norm_arguments(bn: nn.BatchNorm2d, x: Tensor) -> dict:
+    """The arguments of the fused functional ops (``batch_norm_act`` and its conv / maxpool siblings) that make
+    them compute what ``bn(x)`` computes, for an nn.BatchNorm2d, nn.SyncBatchNorm or BatchNormAct2d: batch or
+    running statistics, which buffers to update, momentum, synchronisation. Counts the batch in
+    num_batches_tracked as nn.BatchNorm2d's forward does, so call it once per forward."""
+    bn._check_input_dim(x)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return dict(
+        running_mean=bn.running_mean if track else None,
+        running_var=bn.running_var if track else None,
+        weight=bn.weight,
+        bias=bn.bias,
+        training=use_batch_stats,
+        momentum=bn.momentum,
+        eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if track else None,
+        backend=getattr(bn, "backend", None),
+        process_group=sync_process_group(bn) if use_batch_stats else None,
+    )
+
+
+def _called_by_torch_sync_converter() -> bool:
+    """Whether the caller's caller is nn.SyncBatchNorm.convert_sync_batchnorm (see BatchNormAct2d.qconfig)."""
+    frame = sys._getframe(2)
+    return frame is not None and frame.f_code is nn.SyncBatchNorm.convert_sync_batchnorm.__func__.__code__
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -15,15 +58,17 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     A subclass of ``nn.BatchNorm2d`` with the same parameters, buffers, state_dict and training semantics
     (momentum, momentum=None, ``track_running_stats``, ``affine``, eval with running statistics), so it
-    loads BatchNorm2d checkpoints and ``isinstance(m, nn.BatchNorm2d)`` code keeps working.
+    loads BatchNorm2d checkpoints and ``isinstance(m, nn.BatchNorm2d)`` code keeps working. Without a residual
+    and with ``fuse_relu=False`` it computes exactly what nn.BatchNorm2d computes; that is how convert() and
+    the fused models use it (the fused blocks pass the ReLU and the residual to the ops themselves).
 
     Args beyond BatchNorm2d's:
         fuse_relu: apply ReLU after the (optional) residual add.
         backend: "triton", "cuda", "cpu", "eager" or None (the process-wide choice, else the fastest
             available for the input's device); see fused_resnet.backends.
         sync, process_group: synchronized BN (as nn.SyncBatchNorm): in training, statistics and their
-            gradients are all-reduced over ``process_group`` (default: the whole world) when
-            torch.distributed is initialised with more than one process.
+            gradients are merged over ``process_group`` (default: the whole world) when torch.distributed is
+            initialised with more than one process.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -47,56 +92,41 @@ class BatchNormAct2d(nn.BatchNorm2d):
         bn.sync, bn.process_group = sync, getattr(bn, "process_group", None)
         return bn
 
-    def _functional_args(self, x: Tensor) -> dict:
-        """nn.BatchNorm2d's forward logic: count the batch, pick batch or running statistics and buffers."""
-        self._check_input_dim(x)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return dict(
-            running_mean=self.running_mean if track else None,
-            running_var=self.running_var if track else None,
-            weight=self.weight,
-            bias=self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            relu=self.fuse_relu,
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            backend=self.backend,
-            process_group=self._sync_group() if use_batch_stats else None,
-        )
-
-    def _sync_group(self):
-        """The process group to synchronise statistics over (synchronized BN), or None."""
-        if not getattr(self, "sync", False):
-            return None
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group or dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
-
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return batch_norm_act(x, residual=residual, **self._functional_args(x))
+        return batch_norm_act(x, residual=residual, relu=self.fuse_relu, **batch_norm_arguments(self, x))
 
-    def forward_conv(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
-        """``conv(self(x))`` without keeping this module's output for backward (it is recomputed).
-        Falls back to the plain sequence for convolutions the fused op does not cover (bias, non-zero
-        padding modes, string padding)."""
-        if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            return conv(self(x))
-        return batch_norm_act_conv(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
-                                   dilation=conv.dilation, groups=conv.groups, **self._functional_args(x))
+    # nn.SyncBatchNorm.convert_sync_batchnorm (torchvision's reference script calls it for --sync-bn) replaces
+    # every BatchNorm with a plain nn.SyncBatchNorm. For this module with fuse_relu=True that silently drops the
+    # ReLU. The converter offers no hook, but it asks ``hasattr(module, "qconfig")`` before finishing a module:
+    # this property answers that question with an error naming the converter that keeps the ReLU. Everywhere
+    # else qconfig is an ordinary attribute.
+    @property
+    def qconfig(self):
+        if self.fuse_relu and _called_by_torch_sync_converter():
+            raise TypeError(
+                "fused_resnet: nn.SyncBatchNorm.convert_sync_batchnorm would replace this BatchNormAct2d(fuse_relu="
+                "True) with a plain nn.SyncBatchNorm and drop its ReLU; call fused_resnet.convert_sync_batchnorm("
+                "model) instead (it keeps the module and synchronises its statistics)")
+        try:
+            return self.__dict__["qconfig"]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'") from None
 
-    def forward_maxpool(self, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
-        """``pool(self(x))`` keeping neither the pool's input nor its argmax indices for backward."""
-        if pool.return_indices:
-            return pool(self(x))
-        return batch_norm_act_maxpool(x, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
-                                      dilation=pool.dilation, ceil_mode=pool.ceil_mode, **self._functional_args(x))
+    @qconfig.setter
+    def qconfig(self, value) -> None:
+        self.__dict__["qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        self.__dict__.pop("qconfig", None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fuse_relu={self.fuse_relu}, backend={self.backend or 'auto'}"
+
+
+def is_batch_norm_2d(m: nn.Module) -> bool:
+    """Exactly an nn.BatchNorm2d, nn.SyncBatchNorm or BatchNormAct2d: a module whose forward fused_resnet knows."""
+    return type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
+
+
+__all__ = ["BatchNormAct2d", "batch_norm_arguments", "is_batch_norm_2d", "sync_process_group"]

@@ -1,0 +1,266 @@
+"""Forward passes of torchvision-style ResNet modules on fused ops, as mixins, and the classes that carry them.
+
+A fused block is the original block class with a fused forward mixed in (``fused_class``): same children
+(conv1, bn1, ..., downsample.0/1), parameters, buffers and state_dict keys. So a block converts in place
+(``__class__`` swap), keeping every parameter and optimizer state, and ``isinstance(block, Bottleneck)``
+stays true.
+
+Training (and eval without running statistics):
+    stem        conv1 -> [bn1 + ReLU + maxpool]
+    Bottleneck  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + ReLU + conv3] -> [bn3 + residual + ReLU]
+    BasicBlock  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + residual + ReLU]
+    Sequential  every BatchNorm followed by a ReLU -> [bn + ReLU]
+where [bn + ReLU + conv] and [bn + ReLU + maxpool] recompute the ReLU output (and the pool's indices) in
+backward instead of keeping them, and the statistics come from the fused reduction.
+Eval with running statistics: every BatchNorm of a block is folded into its convolution (models/fold.py),
+and bias + residual + ReLU run as one fused pass after the convolution.
+
+The fused forward runs only when it computes exactly what the original forward would, decided on every call:
+each module it replaces (the convolutions, BatchNorms, ReLU and pool it reads directly) is exactly of the
+class whose forward it reproduces, and nothing observes or changes its call (no forward / backward hooks on it
+or globally, no parametrization, which covers pruning and weight_norm). Otherwise the original class's forward
+runs, through every module's own ``__call__``: slower, still right.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
+
+from ..nn.batch_norm import batch_norm_arguments, is_batch_norm_2d
+from ..ops.batch_norm import batch_norm_act
+from ..ops.bn_act_conv import batch_norm_act_conv
+from ..ops.bn_act_maxpool import batch_norm_act_maxpool
+from .fold import can_fold, conv_bias_act
+
+# ---------------------------------------------------------------------------------------------------------
+# Is a module's call observable, or its computation other than its class's stock forward?
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def no_global_hooks() -> bool:
+    """No module hook is registered globally (nn.modules.module.register_module_forward_hook and friends)."""
+    return not any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def unobserved(m: nn.Module) -> bool:
+    """No hook on ``m`` and no parametrization of its tensors (torch.nn.utils.prune and the old weight_norm
+    are forward pre-hooks; parametrizations.weight_norm / spectral_norm are parametrizations)."""
+    return not any(getattr(m, name, None) for name in _MODULE_HOOKS) and not parametrize.is_parametrized(m)
+
+
+def fusable_conv(m) -> bool:
+    """An nn.Conv2d whose weight the fused ops may read directly: exactly nn.Conv2d (no subclass forward),
+    zero padding given as numbers, no bias."""
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.bias is None
+
+
+def fusable_bn(m) -> bool:
+    """A 2-D BatchNorm that computes exactly nn.BatchNorm2d's function (no fused ReLU of its own)."""
+    return is_batch_norm_2d(m) and not getattr(m, "fuse_relu", False)
+
+
+def fusable_relu(m) -> bool:
+    return type(m) is nn.ReLU
+
+
+def fusable_maxpool(m) -> bool:
+    return type(m) is nn.MaxPool2d and not m.return_indices
+
+
+# The checks of each forward: the module's class is right and nothing observes or changes its call.
+def plain_conv(m) -> bool:
+    return fusable_conv(m) and unobserved(m)
+
+
+def plain_bn(m) -> bool:
+    return fusable_bn(m) and unobserved(m)
+
+
+def plain_relu(m) -> bool:
+    return fusable_relu(m) and unobserved(m)
+
+
+def plain_maxpool(m) -> bool:
+    return fusable_maxpool(m) and unobserved(m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused steps on modules' tensors
+
+
+def bn_act(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """relu?(bn(x) [+ residual]) in one fused pass."""
+    return batch_norm_act(x, residual=residual, relu=relu, **batch_norm_arguments(bn, x))
+
+
+def bn_relu_conv(bn: nn.BatchNorm2d, x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(relu(bn(x))) without keeping relu(bn(x)) for backward (it is recomputed)."""
+    return batch_norm_act_conv(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
+                               dilation=conv.dilation, groups=conv.groups, relu=True, **batch_norm_arguments(bn, x))
+
+
+def bn_relu_maxpool(bn: nn.BatchNorm2d, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+    """pool(relu(bn(x))) keeping neither the pool's input nor its argmax indices for backward."""
+    return batch_norm_act_maxpool(x, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                                  dilation=pool.dilation, ceil_mode=pool.ceil_mode, relu=True,
+                                  **batch_norm_arguments(bn, x))
+
+
+def _plain_conv_bn(m) -> bool:
+    """An unobserved nn.Sequential(Conv2d, BatchNorm) (torchvision's downsample) that may be folded."""
+    return (isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, FusedSequentialMixin.forward)
+            and len(m) == 2 and plain_conv(m[0]) and plain_bn(m[1]) and unobserved(m))
+
+
+def _identity_eval(block, x: Tensor) -> Tensor:
+    ds = block.downsample
+    if ds is None:
+        return x
+    if _plain_conv_bn(ds) and can_fold(ds[1]):
+        return conv_bias_act(x, ds[0], ds[1], relu=False)
+    return ds(x)
+
+
+def _identity_train(block, x: Tensor) -> Tensor:
+    ds = block.downsample
+    if ds is None:
+        return x
+    if _plain_conv_bn(ds):  # the fused BN pass (an nn.SyncBatchNorm synchronises through it, on CPU too)
+        return bn_act(ds[1], ds[0](x), relu=False)
+    return ds(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixins. Each class made by fused_class(base, mixin) has ``_fused_base`` (the original class, whose forward
+# is the fallback) and ``_fused_mixin``.
+
+
+class FusedBottleneckMixin:
+    """forward of torchvision's Bottleneck (conv1/bn1/conv2/bn2/conv3/bn3/relu/downsample) on fused ops."""
+
+    def _fusable(self) -> bool:
+        return (no_global_hooks() and plain_conv(self.conv1) and plain_conv(self.conv2) and plain_conv(self.conv3)
+                and plain_bn(self.bn1) and plain_bn(self.bn2) and plain_bn(self.bn3) and plain_relu(self.relu))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return self._fused_base.forward(self, x)
+        if can_fold(self.bn1) and can_fold(self.bn2) and can_fold(self.bn3):
+            out = conv_bias_act(x, self.conv1, self.bn1)
+            out = conv_bias_act(out, self.conv2, self.bn2)
+            return conv_bias_act(out, self.conv3, self.bn3, residual=_identity_eval(self, x))
+        out = bn_relu_conv(self.bn1, self.conv1(x), self.conv2)
+        out = bn_relu_conv(self.bn2, out, self.conv3)
+        return bn_act(self.bn3, out, residual=_identity_train(self, x))
+
+
+class FusedBasicBlockMixin:
+    """forward of torchvision's BasicBlock (conv1/bn1/conv2/bn2/relu/downsample) on fused ops."""
+
+    def _fusable(self) -> bool:
+        return (no_global_hooks() and plain_conv(self.conv1) and plain_conv(self.conv2) and plain_bn(self.bn1)
+                and plain_bn(self.bn2) and plain_relu(self.relu))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return self._fused_base.forward(self, x)
+        if can_fold(self.bn1) and can_fold(self.bn2):
+            out = conv_bias_act(x, self.conv1, self.bn1)
+            return conv_bias_act(out, self.conv2, self.bn2, residual=_identity_eval(self, x))
+        out = bn_relu_conv(self.bn1, self.conv1(x), self.conv2)
+        return bn_act(self.bn2, out, residual=_identity_train(self, x))
+
+
+class FusedResNetMixin:
+    """forward of torchvision's ResNet (stem conv1/bn1/relu/maxpool, layer1-4, avgpool, fc) on fused ops; the
+    layers, the pool and the classifier run through their own ``__call__``."""
+
+    def _fusable(self) -> bool:
+        return no_global_hooks() and plain_conv(self.conv1) and plain_bn(self.bn1) and plain_relu(self.relu)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return self._fused_base.forward(self, x)
+        if can_fold(self.bn1):
+            x = self.maxpool(conv_bias_act(x, self.conv1, self.bn1))
+        elif plain_maxpool(self.maxpool):
+            x = bn_relu_maxpool(self.bn1, self.conv1(x), self.maxpool)  # recomputed in backward
+        else:  # a replaced pool (nn.Identity in CIFAR-style stems) runs through its own __call__
+            x = self.maxpool(bn_act(self.bn1, self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class FusedSequentialMixin:
+    """nn.Sequential's forward, with each BatchNorm that is followed by a ReLU run as one fused [bn + ReLU] pass.
+    Every child keeps its class and meaning, so slices (``seq[:2]``, a pre-ReLU feature tap), indexing and
+    edits after convert() compute what they hold."""
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        fuse = no_global_hooks()
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if fuse and i + 1 < len(modules) and plain_bn(m) and plain_relu(modules[i + 1]):
+                x = bn_act(m, x, relu=True)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
+
+
+MIXINS = (FusedResNetMixin, FusedBottleneckMixin, FusedBasicBlockMixin, FusedSequentialMixin)
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused classes
+
+
+def _rebuild(base: type, mixin: type):
+    """Unpickling: the fused class of (base, mixin), made again in a process that has not converted anything."""
+    cls = fused_class(base, mixin)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self, protocol):
+    # Pickled as (base class, mixin) plus the module state: the class itself is made at run time, in no module.
+    return _rebuild, (self._fused_base, self._fused_mixin), self.__getstate__()
+
+
+_FUSED_CLASSES: dict = {}
+
+
+def register_fused_class(cls: type, base: type, mixin: type) -> type:
+    """Declare ``cls`` (an importable class deriving from ``mixin`` and ``base``) as the fused class of base."""
+    cls._fused_base, cls._fused_mixin = base, mixin
+    _FUSED_CLASSES[(base, mixin)] = cls
+    return cls
+
+
+def fused_class(cls: type, mixin: type) -> type:
+    """``cls`` with ``mixin``'s forward, cached so that every converted instance of cls shares one class. A class
+    made here pickles by (cls, mixin), so whole models save and load (torch.save / torch.load)."""
+    if issubclass(cls, mixin):
+        return cls
+    key = (cls, mixin)
+    if key not in _FUSED_CLASSES:
+        made = type(f"Fused{cls.__name__}", (mixin, cls),
+                    {"__module__": cls.__module__, "__qualname__": f"Fused{cls.__qualname__}",
+                     "__reduce_ex__": _reduce_ex})
+        register_fused_class(made, cls, mixin)
+    return _FUSED_CLASSES[key]
+
+
+class FusedSequential(FusedSequentialMixin, nn.Sequential):
+    """nn.Sequential with BatchNorm + ReLU pairs fused (what convert() makes of a Sequential with such pairs)."""
+
+
+register_fused_class(FusedSequential, nn.Sequential, FusedSequentialMixin)
