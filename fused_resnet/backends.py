@@ -1,4 +1,5 @@
-"""Which implementation of the op contract runs: the one dispatch point.
+"""Which backend runs: what each can run here, and which one was asked for. (Which function computes an op for
+that backend is fused_resnet.dispatch's job.)
 
   triton  Triton kernels (fused_resnet/kernels). CUDA tensors; CPU tensors only under TRITON_INTERPRET=1.
   cuda    CUDA C++ kernels of the compiled extension fused_resnet._C (csrc/cuda). CUDA tensors.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from types import ModuleType
 
 import torch
 
@@ -148,17 +148,6 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if not ok:
         raise BackendUnavailableError(f"fused_resnet backend {name!r} is not available: {reason}")
     return name
-
-
-def implementation(backend: str) -> ModuleType:
-    """The object whose bn_* functions implement the contract for ``backend`` (same names and signatures)."""
-    if backend == "triton":
-        return importlib.import_module("fused_resnet.kernels.batch_norm")
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fused_resnet_C
-    if backend == "eager":
-        return importlib.import_module("fused_resnet.reference")
-    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 def build_info() -> dict:

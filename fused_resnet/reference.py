@@ -3,16 +3,17 @@
 They are the last fallback on any device and the reference the kernels are read against. Each function has
 the signature of its compiled twin in csrc/ops.cpp (and of fused_resnet/kernels/batch_norm.py). Arithmetic is
 in the accumulation dtype (fp32, fp64 for fp64 inputs); outputs are allocated like the kernels' (see
-fused_resnet/ops/layout.py) so every backend returns identical strides.
+fused_resnet/_layout.py) so every backend returns identical strides.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .ops.layout import acc_dtype_of, kernel_layout
+from ._layout import acc_dtype_of, kernel_layout
 
 
 def _per_channel(v: Tensor) -> Tensor:
@@ -109,3 +110,71 @@ def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
         grad = _per_channel(scale) * dz
     dz_out = _like(x, dz) if need_dz else x.new_empty((0,))
     return _like(x, grad), dz_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Convolutions (the contract of fused_resnet/kernels/conv_fwd.py and conv_bwd.py). ATen's convolution (cuDNN
+# on CUDA) with the BatchNorm pieces of ``bn``: a module with this file's bn_act / bn_stats signatures, this
+# file by default, or a backend's compiled or Triton kernels ("aten" convolutions, fused_resnet.dispatch).
+
+
+def _bn_module(bn):
+    return bn if bn is not None else sys.modules[__name__]
+
+
+_UNIT: dict = {}
+
+
+def unit_scale(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(zeros, ones) per channel, so that bn_act applies just bias (+ residual) (+ ReLU). Constants kept per
+    (C, device, dtype) here (never on a model); fresh under torch.compile and torch.jit.trace, which record
+    their creation."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype)
+    key = (c, device, dtype)
+    if key not in _UNIT:
+        # Never inference tensors (were the first call under torch.inference_mode): a later eval forward with
+        # autograd recording saves these for backward, which inference tensors refuse.
+        with torch.inference_mode(False):
+            _UNIT[key] = (torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype))
+    return _UNIT[key]
+
+
+def conv_input(x: Tensor, prologue: Optional[tuple], bn=None) -> Tensor:
+    """The convolution's input: x, or relu?(bn(x)) for prologue = (mean, invstd, bn_weight, bn_bias, relu)."""
+    if prologue is None:
+        return x
+    mean, invstd, bn_weight, bn_bias, relu = prologue
+    return _bn_module(bn).bn_act(x, mean, invstd, bn_weight, bn_bias, None, relu)
+
+
+def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, prologue: Optional[tuple] = None,
+             stats: bool = False, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+             relu: bool = False, bn=None) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, stats of y or None): y = conv2d(prologue(x), weight), then relu?(y + bias [+ residual]) when a bias
+    is given (the eval epilogue). The prologue's output is materialised here, and freed on return."""
+    bn = _bn_module(bn)
+    y = torch.ops.aten.convolution(conv_input(x, prologue, bn), weight, None, list(stride), list(padding),
+                                   list(dilation), False, [0, 0], groups)
+    if bias is not None:
+        zeros, ones = unit_scale(y.shape[1], y.device, acc_dtype_of(y))
+        y = bn.bn_act(y, zeros, ones, None, bias, residual, relu)
+    return y, (bn.bn_stats(y) if stats else None)
+
+
+def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
+               dtype: torch.dtype, memory_format=torch.channels_last) -> Tensor:
+    """Gradient of conv2d's input of shape ``input_shape``."""
+    placeholder = grad_out.new_empty(1, dtype=dtype).expand(input_shape)  # only its shape and dtype are read
+    grad = torch.ops.aten.convolution_backward(grad_out, placeholder, weight, None, list(stride), list(padding),
+                                               list(dilation), False, [0, 0], groups, [True, False, False])[0]
+    return grad.contiguous(memory_format=memory_format)
+
+
+def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilation, groups: int, dtype: torch.dtype,
+               prologue: Optional[tuple] = None, bn=None) -> Tensor:
+    """Gradient of conv2d's weight, the convolution's input recomputed from x through the prologue."""
+    a = conv_input(x, prologue, bn)
+    placeholder = a.new_empty(1, dtype=dtype).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(grad_out, a, placeholder, None, list(stride), list(padding),
+                                               list(dilation), False, [0, 0], groups, [False, True, False])[1]

@@ -191,9 +191,9 @@ def test_zero_init_residual_and_norm_layer():
 def test_eval_with_autograd_after_inference_mode():
     """Constants cached during a first forward under torch.inference_mode must not be inference tensors: an eval
     forward with autograd recording saves them for backward (regression: 'Inference tensors cannot be saved')."""
-    from fused_resnet.models import fold
+    from fused_resnet import reference
 
-    fold._UNIT.clear()  # the first use of each constant happens below, under inference_mode
+    reference._UNIT.clear()  # the first use of each constant happens below, under inference_mode
     eager, fused = _pair("resnet18")
     x = _data()[0][0]
     for m in (eager, fused):

@@ -21,7 +21,7 @@ from conftest import backend_device_params
 from fused_resnet import batch_norm_act, batch_norm_finalize, batch_norm_stats
 from fused_resnet.models import torchvision_reference as ref
 from fused_resnet.nn import BatchNormAct2d
-from fused_resnet.ops.bn_act_conv import batch_norm_act_conv
+from fused_resnet.ops.conv import batch_norm_act_conv
 from fused_resnet.ops.bn_act_maxpool import batch_norm_act_maxpool
 from helpers import rel_err
 

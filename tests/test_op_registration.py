@@ -147,18 +147,33 @@ def test_compile_inductor_cpu():
 
 @pytest.mark.parametrize("backend_device", backend_device_params())
 def test_opcheck_recompute_ops(backend_device):
-    """bn_act_conv and bn_act_maxpool: schemas, fakes (output strides of the real convolution/pool) and
+    """conv_stats (with and without the BatchNorm prologue, each convolution implementation the backend has),
+    conv_bias_act and bn_act_maxpool: schemas, fakes (output strides of the real convolution / pool) and
     autograd registration."""
+    from fused_resnet import dispatch
+
     backend, device = backend_device
     a = _op_inputs(device)
     x = a["x"]
     count = torch.ops.fused_resnet.bn_stats(x, backend)[0]
-    conv_w = torch.randn(4, 5, 3, 3, device=device)
+    conv_w = torch.randn(4, 5, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
     grads = dict(x=x.detach().requires_grad_(), w=a["weight"].detach().requires_grad_(),
                  b=a["bias"].detach().requires_grad_(), cw=conv_w.requires_grad_())
-    torch.library.opcheck(torch.ops.fused_resnet.bn_act_conv.default,
-                          (grads["x"], a["mean"], a["invstd"], grads["w"], grads["b"], count, grads["cw"], [2, 1],
-                           [1, 1], [1, 1], 1, True, backend, None))
+    impls = [i for i in dispatch.CONV_IMPLS if i == "aten" or (backend == "triton" and
+                                                                dispatch.supports_conv(i, x, conv_w))]
+    for impl in impls:
+        torch.library.opcheck(torch.ops.fused_resnet.conv_stats.default,
+                              (grads["x"], grads["cw"], [2, 1], [1, 1], [1, 1], 1, a["mean"], a["invstd"], grads["w"],
+                               grads["b"], count, True, impl, backend, None))
+        torch.library.opcheck(torch.ops.fused_resnet.conv_stats.default,
+                              (grads["x"], grads["cw"], [1, 1], [0, 1], [1, 1], 1, None, None, None, None, None, False,
+                               impl, backend, None))
+        bias = torch.randn(4, device=device, requires_grad=True)
+        y, _ = torch.ops.fused_resnet.conv_stats(x, conv_w, [1, 1], [1, 1], [1, 1], 1, None, None, None, None, None,
+                                                 False, impl, backend, None)
+        torch.library.opcheck(torch.ops.fused_resnet.conv_bias_act.default,
+                              (grads["x"], grads["cw"], bias, torch.randn_like(y).requires_grad_(), [1, 1], [1, 1],
+                               [1, 1], 1, True, impl, backend))
     torch.library.opcheck(torch.ops.fused_resnet.bn_act_maxpool.default,
                           (grads["x"], a["mean"], a["invstd"], grads["w"], grads["b"], count, [3, 3], [2, 2],
                            [1, 1], [1, 1], False, True, backend, None))

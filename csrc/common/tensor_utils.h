@@ -17,7 +17,7 @@ inline bool hw_mergeable(const at::Tensor& t) {
 }
 
 // The tensor itself when the kernels can index it, else a copy in its suggested memory format.
-// Mirrors fused_resnet/ops/layout.py::kernel_layout; fake kernels rely on the two agreeing.
+// Mirrors fused_resnet/_layout.py::kernel_layout; fake kernels rely on the two agreeing.
 inline at::Tensor kernel_layout(const at::Tensor& t) {
   return hw_mergeable(t) ? t : t.contiguous(t.suggest_memory_format());
 }

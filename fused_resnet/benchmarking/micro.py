@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import backends
+from .. import backends, dispatch
 from ..nn import BatchNormAct2d
 from .timing import time_per_call
 
@@ -154,7 +154,7 @@ def kernel_case(cfg: MicroConfig, order: int, provider: str, kernel: str) -> Cas
     if provider not in FUSED:
         raise ValueError(f"kernel cases exist for the fused backends {FUSED}, got {provider!r}")
     name, c, h, epilogue = RESNET50_BN_SHAPES[order]
-    ops = backends.implementation(provider)
+    ops = dispatch.bn_implementation(provider)
     shape, x, residual, grad = _inputs(cfg, c, h, epilogue)
     relu = epilogue != "none"
     c = shape[1]

@@ -4,7 +4,7 @@ Contract: fused_resnet/ops/batch_norm.py (and csrc/ops.cpp). The launchers at th
 and signatures as the C++ ops and the eager reference, so the dispatcher can swap them.
 
 Addressing. Every activation tensor (x, residual, out, grad_out and the outputs) is a rows x channels matrix:
-row m = n*HW + hw, element (m, c) at ``n*s_n + c*s_c + hw*s_hw`` (see fused_resnet/ops/layout.py). Each
+row m = n*HW + hw, element (m, c) at ``n*s_n + c*s_c + hw*s_hw`` (see fused_resnet/_layout.py). Each
 tensor brings its own strides, so a channels_last x may meet a contiguous residual or an expanded (stride-0)
 grad_out. When ``s_n == HW*s_hw`` (every dense layout) the row offset is just ``m*s_hw`` (``ROWS_MERGED``);
 otherwise n and hw are split with one division. Triton specialises strides equal to 1, so channels_last
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.layout import acc_dtype_of, geometry, kernel_layout
+from .._layout import acc_dtype_of, geometry, kernel_layout
 
 # ---------------------------------------------------------------------------------------------------------
 # Device helpers
@@ -126,28 +126,40 @@ def _bn_stats_partial_kernel(
 
 
 @triton.jit
-def _merge_stats_kernel(part_ptr, stats_ptr, P, C, BLOCK_C: tl.constexpr):
-    """stats[:, c] = Chan merge of the P partials (count, mean, m2) [P, 3, C] of channel c, in order p = 0..P-1
-    (deterministic); float64. An empty partial (count 0) leaves the running summary unchanged."""
+def _merge_stats_kernel(part_ptr, out_ptr, P, C, chunk, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (channel block, g): out[g, :, c] = the merge of the partials p in [g * chunk, (g + 1) * chunk)
+    of part ([P, 3, C], (count, mean, m2), fp32 or float64), in float64, in two vectorised passes over
+    [BLOCK_P, BLOCK_C] tiles in a fixed order (deterministic):
+        count = sum n_i,  mean = sum n_i mean_i / count,  m2 = sum m2_i + sum n_i (mean_i - mean)^2.
+    Each is a weighted mean or a sum of non-negative terms: nothing cancels. Empty partials add nothing."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    g = tl.program_id(1)
+    p_begin = g * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
     n = tl.zeros([BLOCK_C], dtype=tl.float64)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    weighted = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < p_end)[:, None] & cmask[None, :]
+        q = part_ptr + ps.to(tl.int64)[:, None] * 3 * C + cols[None, :]
+        n_i = tl.load(q, mask=mask, other=0.0).to(tl.float64)
+        mean_i = tl.load(q + C, mask=mask, other=0.0).to(tl.float64)
+        n += tl.sum(n_i, 0)
+        weighted += tl.sum(tl.where(n_i > 0, n_i * mean_i, 0.0), 0)
+    mean = weighted / tl.where(n > 0, n, 1.0)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for p in range(0, P):
-        q = part_ptr + p * 3 * C + cols
-        n_b = tl.load(q, mask=cmask, other=0.0)
-        mean_b = tl.load(q + C, mask=cmask, other=0.0)
-        m2_b = tl.load(q + 2 * C, mask=cmask, other=0.0)
-        total = n + n_b
-        frac = tl.where(n_b > 0, n_b / tl.where(total > 0, total, 1.0), 0.0)
-        delta = tl.where(n_b > 0, mean_b - mean, 0.0)
-        mean += delta * frac
-        m2 += tl.where(n_b > 0, m2_b + delta * delta * n * frac, 0.0)
-        n = total
-    tl.store(stats_ptr + cols, n, mask=cmask)
-    tl.store(stats_ptr + C + cols, mean, mask=cmask)
-    tl.store(stats_ptr + 2 * C + cols, m2, mask=cmask)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < p_end)[:, None] & cmask[None, :]
+        q = part_ptr + ps.to(tl.int64)[:, None] * 3 * C + cols[None, :]
+        n_i = tl.load(q, mask=mask, other=0.0).to(tl.float64)
+        spread = tl.where(n_i > 0, tl.load(q + C, mask=mask, other=0.0).to(tl.float64) - mean[None, :], 0.0)
+        m2 += tl.sum(tl.load(q + 2 * C, mask=mask, other=0.0).to(tl.float64) + n_i * spread * spread, 0)
+    out = out_ptr + g.to(tl.int64) * 3 * C + cols
+    tl.store(out, n, mask=cmask)
+    tl.store(out + C, mean, mask=cmask)
+    tl.store(out + 2 * C, m2, mask=cmask)
 
 
 @triton.jit
@@ -365,10 +377,20 @@ def _sum_partials(part: Tensor, out: Tensor) -> None:
     _sum_partials_kernel[(triton.cdiv(K, block_k),)](part, out, P, K, BLOCK_P=16, BLOCK_K=block_k)
 
 
-def _merge_stats(part: Tensor, stats: Tensor) -> None:
-    C = stats.shape[1]
-    block_c = min(triton.next_power_of_2(C), 128)
-    _merge_stats_kernel[(triton.cdiv(C, block_c),)](part, stats, part.shape[0], C, BLOCK_C=block_c)
+_MERGE_CHUNK = 256  # partials merged by one program; more partials are merged in a second level
+
+
+def merge_stats(part: Tensor) -> Tensor:
+    """The (count, mean, m2) float64 [3, C] statistics merged from the partials ``part`` ([P, 3, C], fp32 or
+    float64, contiguous): one level of programs over chunks of partials, then, for more than one chunk, the
+    same over the chunks' results. Deterministic for a given P."""
+    P, _, C = part.shape
+    groups = triton.cdiv(P, _MERGE_CHUNK)
+    out = torch.empty((groups, 3, C) if groups > 1 else (3, C), dtype=torch.float64, device=part.device)
+    block_c = min(triton.next_power_of_2(C), 64)
+    _merge_stats_kernel[(triton.cdiv(C, block_c), groups)](part, out, P, C, _MERGE_CHUNK, BLOCK_P=16,
+                                                           BLOCK_C=block_c)
+    return merge_stats(out) if groups > 1 else out
 
 
 def _float64_parts(v: float) -> tuple[float, float, float]:
@@ -383,9 +405,8 @@ def bn_stats(x: Tensor) -> Tensor:
     x = kernel_layout(x)
     N, C, H, W = x.shape
     M = N * H * W
-    stats = torch.zeros((3, C), dtype=torch.float64, device=x.device)
     if M == 0 or C == 0:
-        return stats
+        return torch.zeros((3, C), dtype=torch.float64, device=x.device)
     block_m, block_c = _tile(M, C, _channels_fast(x))
     rows_per_prog, P = _reduce_grid(M, C, block_m, block_c, x.device)
     part = torch.empty((P, 3, C), dtype=torch.float64, device=x.device)
@@ -394,8 +415,7 @@ def bn_stats(x: Tensor) -> Tensor:
         x, part, M, C, H * W, s_n, s_c, s_hw, rows_per_prog,
         ROWS_MERGED=merged, ACC=_TL_ACC[acc_dtype_of(x)], BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    _merge_stats(part, stats)
-    return stats
+    return merge_stats(part)
 
 
 def bn_finalize(stats: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -5,13 +5,15 @@ A fused block is the original block class with a fused forward mixed in (``fused
 (``__class__`` swap), keeping every parameter and optimizer state, and ``isinstance(block, Bottleneck)``
 stays true.
 
-Training (and eval without running statistics):
-    stem        conv1 -> [bn1 + ReLU + maxpool]
-    Bottleneck  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + ReLU + conv3] -> [bn3 + residual + ReLU]
-    BasicBlock  conv1 -> [bn1 + ReLU + conv2] -> [bn2 + residual + ReLU]
+Training (and eval without running statistics), [stats] marking a convolution's statistics epilogue:
+    stem        conv1 [stats] -> [bn1 + ReLU + maxpool]
+    Bottleneck  conv1 [stats] -> [bn1 + ReLU -> conv2 [stats]] -> [bn2 + ReLU -> conv3 [stats]]
+                -> [bn3 + residual + ReLU], the downsample conv [stats] -> bn
+    BasicBlock  conv1 [stats] -> [bn1 + ReLU -> conv2 [stats]] -> [bn2 + residual + ReLU]
     Sequential  every BatchNorm followed by a ReLU -> [bn + ReLU]
-where [bn + ReLU + conv] and [bn + ReLU + maxpool] recompute the ReLU output (and the pool's indices) in
-backward instead of keeping them, and the statistics come from the fused reduction.
+[bn + ReLU -> conv] applies the BatchNorm and ReLU in the convolution's prologue (ops/conv.py; with the
+Triton convolutions the normalised activation never reaches memory); it and [bn + ReLU + maxpool] recompute
+it in backward instead of keeping it; each BatchNorm takes its statistics from the convolution before it.
 Eval with running statistics: every BatchNorm of a block is folded into its convolution (models/fold.py),
 and bias + residual + ReLU run as one fused pass after the convolution.
 
@@ -32,8 +34,8 @@ from torch.nn.utils import parametrize
 
 from ..nn.batch_norm import batch_norm_arguments, is_batch_norm_2d
 from ..ops.batch_norm import batch_norm_act
-from ..ops.bn_act_conv import batch_norm_act_conv
 from ..ops.bn_act_maxpool import batch_norm_act_maxpool
+from ..ops.conv import batch_norm_act_conv2d_stats, conv2d_stats
 from .fold import can_fold, conv_bias_act
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,25 +94,58 @@ def plain_maxpool(m) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fused steps on modules' tensors
+# Fused steps on modules' tensors. A convolution feeding a BatchNorm returns that BatchNorm's statistics from
+# its epilogue (``stats``), and the BatchNorm takes them instead of reducing its input again.
 
 
-def bn_act(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """relu?(bn(x) [+ residual]) in one fused pass."""
-    return batch_norm_act(x, residual=residual, relu=relu, **batch_norm_arguments(bn, x))
+def conv_stats(conv: nn.Conv2d, x: Tensor, bn_after: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(conv(x), statistics of it for ``bn_after``), on bn_after's backend."""
+    return conv2d_stats(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups,
+                        backend=getattr(bn_after, "backend", None))
 
 
-def bn_relu_conv(bn: nn.BatchNorm2d, x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """conv(relu(bn(x))) without keeping relu(bn(x)) for backward (it is recomputed)."""
-    return batch_norm_act_conv(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
-                               dilation=conv.dilation, groups=conv.groups, relu=True, **batch_norm_arguments(bn, x))
+def bn_relu_conv_stats(bn: nn.BatchNorm2d, x: Tensor, stats: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """(conv(relu(bn(x))), its statistics): bn + ReLU in the convolution's prologue, never stored."""
+    return batch_norm_act_conv2d_stats(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
+                                       dilation=conv.dilation, groups=conv.groups, relu=True, stats=stats,
+                                       **batch_norm_arguments(bn, x))
 
 
-def bn_relu_maxpool(bn: nn.BatchNorm2d, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+def bn_act(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
+           stats: Optional[Tensor] = None) -> Tensor:
+    """relu?(bn(x) [+ residual]) in one fused pass (``stats``: x's, from the convolution that produced it)."""
+    return batch_norm_act(x, residual=residual, relu=relu, stats=stats, **batch_norm_arguments(bn, x))
+
+
+def bn_relu_maxpool(bn: nn.BatchNorm2d, x: Tensor, pool: nn.MaxPool2d, stats: Optional[Tensor] = None) -> Tensor:
     """pool(relu(bn(x))) keeping neither the pool's input nor its argmax indices for backward."""
     return batch_norm_act_maxpool(x, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
-                                  dilation=pool.dilation, ceil_mode=pool.ceil_mode, relu=True,
+                                  dilation=pool.dilation, ceil_mode=pool.ceil_mode, relu=True, stats=stats,
                                   **batch_norm_arguments(bn, x))
+
+
+class _GlobalAvgPool(torch.autograd.Function):
+    """x.mean((2, 3), keepdim=True) whose backward hands on a channels_last-shaped gradient: grad / HW expanded
+    over (H, W), a stride-0 view with unit channel stride, which the BatchNorm kernels read as channels_last.
+    (ATen's adaptive_avg_pool2d and mean backwards return a dense NCHW gradient, which would send the last
+    BatchNorm of a channels_last model down its strided path.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean((2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad / (ctx.shape[2] * ctx.shape[3])).expand(ctx.shape)
+
+
+def global_avg_pool(pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(x)`` for the ResNet head: the channels_last-preserving pool for an unobserved
+    nn.AdaptiveAvgPool2d(1), the module's own call otherwise."""
+    if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)) and unobserved(pool):
+        return _GlobalAvgPool.apply(x)
+    return pool(x)
 
 
 def _plain_conv_bn(m) -> bool:
@@ -132,8 +167,9 @@ def _identity_train(block, x: Tensor) -> Tensor:
     ds = block.downsample
     if ds is None:
         return x
-    if _plain_conv_bn(ds):  # the fused BN pass (an nn.SyncBatchNorm synchronises through it, on CPU too)
-        return bn_act(ds[1], ds[0](x), relu=False)
+    if _plain_conv_bn(ds):  # fused (an nn.SyncBatchNorm synchronises through it, on CPU too)
+        y, stats = conv_stats(ds[0], x, ds[1])
+        return bn_act(ds[1], y, relu=False, stats=stats)
     return ds(x)
 
 
@@ -156,9 +192,10 @@ class FusedBottleneckMixin:
             out = conv_bias_act(x, self.conv1, self.bn1)
             out = conv_bias_act(out, self.conv2, self.bn2)
             return conv_bias_act(out, self.conv3, self.bn3, residual=_identity_eval(self, x))
-        out = bn_relu_conv(self.bn1, self.conv1(x), self.conv2)
-        out = bn_relu_conv(self.bn2, out, self.conv3)
-        return bn_act(self.bn3, out, residual=_identity_train(self, x))
+        y1, s1 = conv_stats(self.conv1, x, self.bn1)
+        y2, s2 = bn_relu_conv_stats(self.bn1, y1, s1, self.conv2)
+        y3, s3 = bn_relu_conv_stats(self.bn2, y2, s2, self.conv3)
+        return bn_act(self.bn3, y3, residual=_identity_train(self, x), stats=s3)
 
 
 class FusedBasicBlockMixin:
@@ -174,8 +211,9 @@ class FusedBasicBlockMixin:
         if can_fold(self.bn1) and can_fold(self.bn2):
             out = conv_bias_act(x, self.conv1, self.bn1)
             return conv_bias_act(out, self.conv2, self.bn2, residual=_identity_eval(self, x))
-        out = bn_relu_conv(self.bn1, self.conv1(x), self.conv2)
-        return bn_act(self.bn2, out, residual=_identity_train(self, x))
+        y1, s1 = conv_stats(self.conv1, x, self.bn1)
+        y2, s2 = bn_relu_conv_stats(self.bn1, y1, s1, self.conv2)
+        return bn_act(self.bn2, y2, residual=_identity_train(self, x), stats=s2)
 
 
 class FusedResNetMixin:
@@ -190,12 +228,14 @@ class FusedResNetMixin:
             return self._fused_base.forward(self, x)
         if can_fold(self.bn1):
             x = self.maxpool(conv_bias_act(x, self.conv1, self.bn1))
-        elif plain_maxpool(self.maxpool):
-            x = bn_relu_maxpool(self.bn1, self.conv1(x), self.maxpool)  # recomputed in backward
-        else:  # a replaced pool (nn.Identity in CIFAR-style stems) runs through its own __call__
-            x = self.maxpool(bn_act(self.bn1, self.conv1(x)))
+        else:
+            y, stats = conv_stats(self.conv1, x, self.bn1)
+            if plain_maxpool(self.maxpool):
+                x = bn_relu_maxpool(self.bn1, y, self.maxpool, stats)  # recomputed in backward
+            else:  # a replaced pool (nn.Identity in CIFAR-style stems) runs through its own __call__
+                x = self.maxpool(bn_act(self.bn1, y, stats=stats))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(torch.flatten(global_avg_pool(self.avgpool, x), 1))
 
 
 class FusedSequentialMixin:

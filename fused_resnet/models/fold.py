@@ -17,9 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import backends
-from ..ops.batch_norm import bn_act_call
-from ..ops.layout import acc_dtype_of
+from ..ops.conv import conv2d_bias_act
 
 
 def can_fold(bn: nn.BatchNorm2d) -> bool:
@@ -50,32 +48,10 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]
     return weight, bias
 
 
-_UNIT: dict = {}
-
-
-def _unit_scale(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(zeros, ones) per channel, so that bn_act applies just bias (+ residual) (+ ReLU). Constants, kept per
-    (C, device, dtype) in this module (never on a model); fresh under torch.compile and torch.jit.trace, which
-    record their creation."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype)
-    key = (c, device, dtype)
-    if key not in _UNIT:
-        # Never inference tensors (were the first call under torch.inference_mode): a later eval forward
-        # with autograd recording saves these for backward, which inference tensors refuse.
-        with torch.inference_mode(False):
-            _UNIT[key] = (torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype))
-    return _UNIT[key]
-
-
 def conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
                   relu: bool = True) -> Tensor:
-    """Eval: relu?(conv(x) with ``bn`` folded in [+ residual]): the convolution (ATen/cuDNN), then bias,
-    residual and ReLU in one fused elementwise pass."""
+    """Eval: relu?(conv(x) with ``bn`` folded in [+ residual]) in one pass over the output (the Triton
+    convolutions' epilogue; ATen's convolution then one fused elementwise pass otherwise)."""
     weight, bias = folded_conv_bn(conv, bn)
-    y = conv._conv_forward(x, weight, None)
-    zeros, ones = _unit_scale(y.shape[1], y.device, acc_dtype_of(y))
-    if residual is not None and residual.dtype != y.dtype:
-        residual = residual.to(y.dtype)
-    backend = backends.resolve(getattr(bn, "backend", None), y.device)
-    return bn_act_call(y, zeros, ones, None, bias, residual, None, relu, backend, None)
+    return conv2d_bias_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
+                           backend=getattr(bn, "backend", None))

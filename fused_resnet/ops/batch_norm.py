@@ -40,21 +40,19 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
-from .layout import SUPPORTED_DTYPES, acc_dtype_of, kernel_layout
+from .. import backends, dispatch
+from .._layout import SUPPORTED_DTYPES, acc_dtype_of
+from ._library import (all_gather, all_reduce_sum, differentiable_bn, differentiable_grads, eager, eager_autograd,
+                       empty_act)
 
 
 def _impl(backend: str):
-    return backends.implementation(backend)
+    return dispatch.bn_implementation(backend)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Fake (meta) kernels: allocate exactly what every implementation returns. They serve the contract ops below
 # and, with the same signatures minus ``backend``, the compiled ops torch.ops.fused_resnet_C.*.
-
-
-def _empty_act(x: Tensor) -> Tensor:
-    return torch.empty_like(kernel_layout(x))
 
 
 def _fake_stats(x):
@@ -67,7 +65,7 @@ def _fake_finalize(stats, running_mean, running_var, num_batches_tracked, moment
 
 
 def _fake_act(x, mean, invstd, weight, bias, residual, relu):
-    return _empty_act(x)
+    return empty_act(x)
 
 
 def _fake_backward_reduce(grad_out, x, mean, invstd, weight, bias, out, relu):
@@ -75,7 +73,7 @@ def _fake_backward_reduce(grad_out, x, mean, invstd, weight, bias, out, relu):
 
 
 def _fake_backward_elemt(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz):
-    return _empty_act(x), (_empty_act(x) if need_dz else x.new_empty((0,)))
+    return empty_act(x), (empty_act(x) if need_dz else x.new_empty((0,)))
 
 
 if backends.extension_loaded():
@@ -150,29 +148,12 @@ def _(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz, 
     return _fake_backward_elemt(grad_out, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Eager fast path. The ops without an autograd formula (statistics, finalize, the two backward kernels) run
-# their implementation directly when nothing traces them: plain tensors outside torch.compile. This skips
-# the dispatcher round trips of torch.library custom ops (~60 us per BatchNorm forward on the host, measured,
-# most of it the version-bump wrapper of the mutating finalize), which eager GPU training pays 53 times per
-# ResNet-50 pass. Under torch.compile, or for fake / subclass tensors, the custom ops run, so graphs see them.
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: as plain as a Tensor
-
-
-def _eager(*tensors) -> bool:
-    """Plain tensors outside torch.compile and torch.jit.trace (which must record the custom ops themselves)."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
-
-
 def _stats(x: Tensor, backend: str) -> Tensor:
-    return _impl(backend).bn_stats(x) if _eager(x) else bn_stats(x, backend)
+    return _impl(backend).bn_stats(x) if eager(x) else bn_stats(x, backend)
 
 
 def _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype, backend):
-    if not _eager(stats, running_mean, running_var):
+    if not eager(stats, running_mean, running_var):
         return bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype, backend)
     out = _impl(backend).bn_finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps, dtype)
     for buffer in (running_mean, running_var):
@@ -182,76 +163,15 @@ def _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, e
 
 
 def _backward_reduce(grad, x, mean, invstd, weight, bias, out, relu, backend):
-    if _eager(grad, x, out):
+    if eager(grad, x, out):
         return _impl(backend).bn_backward_reduce(grad, x, mean, invstd, weight, bias, out, relu)
     return bn_backward_reduce(grad, x, mean, invstd, weight, bias, out, relu, backend)
 
 
 def _backward_elemt(grad, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz, backend):
-    if _eager(grad, x, out):
+    if eager(grad, x, out):
         return _impl(backend).bn_backward_elemt(grad, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz)
     return bn_backward_elemt(grad, x, mean, invstd, weight, bias, out, sums, count, relu, need_dz, backend)
-
-
-def eager_autograd(op, setup_context, backward):
-    """A callable that runs ``op`` (a custom op with this autograd formula) through a plain
-    torch.autograd.Function in eager mode, and through the custom op itself otherwise (torch.compile, fake or
-    subclass tensors). The Function reuses the op's implementation, setup_context and backward, so both paths
-    compute the same thing; it skips custom_op's per-call argument handling (~35 us on the host, measured)."""
-    impl = op._init_fn
-
-    class _Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = impl(*args)
-            setup_context(ctx, args, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    def call(*args):
-        if _eager(*(a for a in args if isinstance(a, Tensor))):
-            return _Function.apply(*args)
-        return op(*args)
-
-    return call
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Double backward. When backward itself is recorded (create_graph=True: gradient penalties, MAML, Hessian-vector
-# products), the kernels' backward is not differentiable, so the ops' backward formulas switch to eager PyTorch
-# ops on the saved tensors: differentiable to any order, and exact with respect to the batch statistics.
-
-
-def differentiable_bn(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      count: Optional[Tensor], group_name: Optional[str]) -> Tensor:
-    """(x - mean) * weight * invstd + bias in plain torch ops, in the accumulation dtype. With batch statistics
-    (``count`` given) mean and invstd are recomputed from x, so that their dependence on x is in the graph;
-    their values stay the saved ones (value + (g - g.detach()) carries g's gradient). eps is not needed: the
-    derivative of rsqrt(var + eps) is -invstd^3 / 2, a function of the saved invstd alone."""
-    acc = mean.dtype
-    xa = x.to(acc)
-    if count is not None:
-        if group_name is not None:
-            raise RuntimeError("fused_resnet: double backward (create_graph=True) through synchronized BatchNorm is "
-                               "not supported; run the penalty term without sync_bn, or use nn.BatchNorm2d there")
-        var_b, mean_b = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
-        eps_hat = (invstd.detach() ** -2 - var_b.detach())  # var_b + eps_hat == 1 / invstd^2
-        g = torch.rsqrt(var_b + eps_hat)
-        mean = mean.detach() + (mean_b - mean_b.detach())
-        invstd = invstd.detach() + (g - g.detach())
-    scale = invstd if weight is None else weight.to(acc) * invstd
-    z = (xa - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
-    return z if bias is None else z + bias.to(acc).view(1, -1, 1, 1)
-
-
-def differentiable_grads(output: Tensor, inputs: list, grad: Tensor) -> list:
-    """d(output)/d(inputs) . grad with create_graph=True; None for inputs that are None."""
-    wanted = [t for t in inputs if t is not None]
-    found = iter(torch.autograd.grad(output, wanted, grad, create_graph=True, allow_unused=True) if wanted else ())
-    return [None if t is None else next(found) for t in inputs]
 
 
 def _bn_act_double_backward(grad, x, mean, invstd, weight, bias, count, out, relu, group_name, need):
@@ -283,12 +203,6 @@ def _bn_act_setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
-def _all_reduce_sum(t: Tensor, group_name: str) -> Tensor:
-    import torch.distributed._functional_collectives as funcol
-
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
-
-
 def merge_stats(parts: Tensor) -> Tensor:
     """One (count, mean, m2) summary float64 [3, C] from P summaries [P, 3, C] (one per process): count = sum n_i,
     mean = sum n_i mean_i / count, m2 = sum m2_i + sum n_i (mean_i - mean)^2. Every term is a weighted mean or a
@@ -304,10 +218,7 @@ def merge_stats(parts: Tensor) -> Tensor:
 def _all_gather_stats(stats: Tensor, group_name: str) -> Tensor:
     """The statistics of the whole process group: every process's summary gathered, then merged in rank order.
     (A summary of (count, mean, m2) does not add up under an all-reduce; raw sums would, but cancel.)"""
-    import torch.distributed._functional_collectives as funcol
-
-    gathered = funcol.wait_tensor(funcol.all_gather_tensor(stats.contiguous(), 0, group_name))
-    return merge_stats(gathered.view(-1, *stats.shape))
+    return merge_stats(all_gather(stats, group_name).view(-1, *stats.shape))
 
 
 def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend, group_name,
@@ -329,7 +240,7 @@ def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend,
     dz_for_residual = need_r and relu
     if need_x:
         if batch_stats and group_name is not None:
-            sums = _all_reduce_sum(sums, group_name)  # the gradient of globally shared statistics
+            sums = all_reduce_sum(sums, group_name)  # the gradient of globally shared statistics
         grad_x, dz = _backward_elemt(grad, x, mean, invstd, weight, bias, out,
                                        sums if batch_stats else None, count if batch_stats else None,
                                        relu, dz_for_residual, backend)
@@ -455,13 +366,24 @@ def _check_eps(eps, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
+def _check_stats(stats: Tensor, x: Tensor) -> None:
+    if not isinstance(stats, Tensor) or stats.dtype != torch.float64 or stats.shape != (3, x.shape[1]):
+        raise ValueError(f"fused_resnet: stats must be the float64 [3, {x.shape[1]}] (count, mean, m2) statistics of "
+                         f"the input (batch_norm_stats or a convolution's statistics epilogue), got "
+                         f"{getattr(stats, 'dtype', type(stats).__name__)} {tuple(getattr(stats, 'shape', ()))}")
+    if stats.device != x.device:
+        raise ValueError(f"fused_resnet: stats are on {stats.device} but the input is on {x.device}")
+
+
 def normalization_statistics(x, running_mean, running_var, training, momentum, eps, num_batches_tracked, backend,
-                             process_group=None):
+                             process_group=None, stats=None):
     """(mean, invstd, count, group_name) that normalise x: its batch statistics when training (updating the
-    running buffers; merged over ``process_group`` when given), else the running ones (count None)."""
+    running buffers; merged over ``process_group`` when given), else the running ones (count None). ``stats``:
+    x's statistics computed elsewhere (a convolution's epilogue), used instead of reducing x again; the merge
+    over the process group and the finalize are the same whatever produced them."""
     acc = acc_dtype_of(x)
     if training:
-        stats = _stats(x.detach(), backend)
+        stats = _stats(x.detach(), backend) if stats is None else stats.detach()
         group_name = None
         if process_group is not None:
             group_name = process_group.group_name
@@ -487,21 +409,24 @@ class Normalization(NamedTuple):
 
 
 def prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-                          backend, process_group, residual=None) -> Optional[Normalization]:
+                          backend, process_group, residual=None, stats=None) -> Optional[Normalization]:
     """The shared entry of every functional BatchNorm op: check the arguments, resolve the backend (an explicit
     unavailable one raises even for empty input), and compute the statistics (updating the running buffers when
     training). None for an empty input, which the caller handles with eager PyTorch, except in synchronized
     training: as nn.SyncBatchNorm, an empty process still joins the statistics merge (with count 0) and, through
     the ops' backward, the gradient all-reduce, so that every process runs the same collectives in the same
-    order."""
+    order. ``stats``: x's statistics computed elsewhere (see normalization_statistics)."""
     _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, residual,
                            num_batches_tracked, process_group)
     _check_eps(eps, training)
+    if stats is not None:
+        _check_stats(stats, x)
     backend = backends.resolve(backend, x.device)
     if x.numel() == 0 and not (training and process_group is not None):
         return None
     mean, invstd, count, group_name = normalization_statistics(x, running_mean, running_var, training, momentum,
-                                                               eps, num_batches_tracked, backend, process_group)
+                                                               eps, num_batches_tracked, backend, process_group,
+                                                               stats)
     return Normalization(backend, mean, invstd, _contiguous_or_none(weight), _contiguous_or_none(bias), count,
                          group_name)
 
@@ -520,16 +445,19 @@ def batch_norm_act(
     num_batches_tracked: Optional[Tensor] = None,
     backend: Optional[str] = None,
     process_group=None,
+    stats: Optional[Tensor] = None,
 ) -> Tensor:
     """``relu?(batch_norm(x) [+ residual])`` with ``torch.nn.functional.batch_norm``'s arguments.
 
     training: normalise with the batch statistics and update the running buffers (when given) like
     ``nn.BatchNorm2d``; ``momentum=None`` takes the cumulative average over ``num_batches_tracked`` (which
     the caller has already incremented, as ``nn.BatchNorm2d`` does). Otherwise normalise with the running
-    buffers. ``process_group``: all-reduce the statistics (and their gradients) over it (synchronized BN).
+    buffers. ``process_group``: merge the statistics (and all-reduce their gradients) over it (synchronized
+    BN). ``stats``: x's (count, mean, m2) statistics when already computed (a convolution's statistics
+    epilogue): training then skips its own reduction of x.
     """
     n = prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked, backend, process_group, residual)
+                              num_batches_tracked, backend, process_group, residual, stats)
     if n is None:
         return _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                     residual, relu)

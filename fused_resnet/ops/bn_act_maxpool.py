@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import (_empty_act, _impl, bn_act, bn_act_grads, differentiable_bn, differentiable_grads,
-                         eager_autograd)
+from ._library import differentiable_bn, differentiable_grads, eager_autograd, empty_act
+from .batch_norm import _impl, bn_act, bn_act_grads
 
 
 def _pool(r: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
@@ -34,7 +34,7 @@ def bn_act_maxpool(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Ten
 @bn_act_maxpool.register_fake
 def _(x, mean, invstd, weight, bias, count, kernel_size, stride, padding, dilation, ceil_mode, relu, backend,
       group_name):
-    return _pool(_empty_act(x), kernel_size, stride, padding, dilation, ceil_mode)[0]
+    return _pool(empty_act(x), kernel_size, stride, padding, dilation, ceil_mode)[0]
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,16 +89,18 @@ def batch_norm_act_maxpool(
     num_batches_tracked: Optional[Tensor] = None,
     backend: Optional[str] = None,
     process_group=None,
+    stats: Optional[Tensor] = None,
 ) -> Tensor:
     """``max_pool2d(relu?(batch_norm(x)), ...)`` without keeping the pool's input or indices for backward.
-    BatchNorm arguments as ``batch_norm_act``; pooling arguments as ``F.max_pool2d``."""
+    BatchNorm arguments as ``batch_norm_act`` (``stats``: x's statistics, from the convolution that produced
+    x); pooling arguments as ``F.max_pool2d``."""
     from .batch_norm import _reference_composite, prepare_normalization
-    from .bn_act_conv import _pair
+    from .conv import _pair
 
     pool_args = (_pair(kernel_size, "kernel_size"), _pair(stride if stride is not None else kernel_size, "stride"),
                  _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode))
     n = prepare_normalization(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked, backend, process_group)
+                              num_batches_tracked, backend, process_group, stats=stats)
     if n is None:
         r = _reference_composite(x, running_mean, running_var, weight, bias, training, momentum, eps, None, relu)
         return torch.nn.functional.max_pool2d(r, *pool_args)

@@ -34,3 +34,10 @@ def geometry(t: torch.Tensor) -> tuple[int, int, int, bool]:
 def acc_dtype_of(x: torch.Tensor) -> torch.dtype:
     """Accumulation / per-channel dtype: float64 for float64 activations, float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def conv_output_size(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution, as torch.nn.functional.conv2d computes them."""
+    ho = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return ho, wo

@@ -1,0 +1,92 @@
+"""Tile configurations of the convolution kernels, per pass, device and problem size.
+
+On a GPU: Hopper-sized tiles (128 x 128 x 64 for 16-bit inputs, 8 warps, 4 stages: 4 x 32 KiB of shared
+memory for the A and B tiles, within sm_90's 227 KiB), narrowed for narrow problems (64 channels, grouped
+convolutions, the 3-channel stem). Every configuration the launchers can choose for the ResNet-50 shapes at
+batch 256 is compiled for sm_90 in CI (tests/test_triton_compile.py: registers, spills, wgmma).
+
+Under TRITON_INTERPRET=1 (the CPU tests) one fixed small configuration: the interpreter runs programs one at
+a time in numpy, where big tiles only cost time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+INTERPRET_CONFIG = Config(128, 128, 64, 4, 1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_tiles(device: torch.device) -> bool:
+    """Whether launches on ``device`` use the GPU configurations (the compile check forces them for meta
+    tensors, to compile exactly what a GPU would run)."""
+    return device.type == "cuda" and not interpreting()
+
+
+def _narrow(n: int, widest: int) -> int:
+    """The column tile for n columns: n rounded up to a power of two, between 16 and ``widest``."""
+    return max(16, min(widest, triton.next_power_of_2(n)))
+
+
+def _k_block(dtype: torch.dtype, reduction: int) -> int:
+    widest = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    return max(16, min(widest, triton.next_power_of_2(reduction)))
+
+
+def fwd_config(x: torch.Tensor, m: int, n: int, per_tap: int) -> Config:
+    """Forward GEMM of m output pixels x n output channels (of a group); the reduction runs over the filter
+    taps and, per tap, ``per_tap`` input channels (C_g), in blocks of block_k."""
+    if not gpu_tiles(x.device):
+        return INTERPRET_CONFIG
+    block_n = _narrow(n, 128)
+    block_m = 128 if block_n >= 64 else 64
+    block_k = _k_block(x.dtype, max(1, per_tap))
+    stages = 4 if x.dtype in (torch.float16, torch.bfloat16) else 3
+    # 8 warps (two warpgroups, each issuing wgmma on 64 rows) from 128 x 64 tiles on: with 4, the BatchNorm
+    # prologue's fp32 transform of the A tile pushed 128 x 64 forward tiles to 255 registers and a spill
+    # (tests/test_triton_compile.py).
+    return Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, stages)
+
+
+def dgrad_config(grad_out: torch.Tensor, m: int, n: int, per_tap: int) -> Config:
+    """dgrad GEMM: m input pixels x n input channels (of a group), per tap a reduction over K_g channels."""
+    return fwd_config(grad_out, m, n, per_tap)
+
+
+def wgrad_config(x: torch.Tensor, k_g: int, c_g: int, pixels: int) -> Config:
+    """wgrad GEMM: k_g output channels x c_g input channels per tap, reduction over the pixels (split-K)."""
+    if not gpu_tiles(x.device):
+        return INTERPRET_CONFIG
+    block_m = _narrow(k_g, 128)
+    block_n = _narrow(c_g, 128)
+    block_k = 64 if x.dtype in (torch.float16, torch.bfloat16) else 32
+    stages = 4 if x.dtype in (torch.float16, torch.bfloat16) else 3
+    return Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, stages)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def wgrad_splits(device: torch.device, tiles: int, pixels: int, block_k: int) -> int:
+    """Split-K factor of wgrad: enough programs for two waves, each split at least 8 pixel blocks long."""
+    if not gpu_tiles(device):
+        return min(2, triton.cdiv(pixels, block_k))
+    want = triton.cdiv(2 * _sm_count(device), max(tiles, 1))
+    return max(1, min(want, triton.cdiv(pixels, 8 * block_k)))
