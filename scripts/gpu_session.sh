@@ -1,63 +1,83 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, in few full calls (device time is scarce). Logs and JSON go to $OUT
-# (the device tool's output folder; ./out elsewhere), the summary table is printed last.
+# The one prepared call of a session with a lent GPU (device time is scarce: one call of at most ~8 minutes).
+# Steps run in priority order, each under its own timeout, so that a slow step cannot eat the ones after it;
+# each writes its log (and JSON) to $OUT as soon as it finishes; the summary table comes last.
 #
-#   bash scripts/gpu_session.sh build   # CUDA build of fused_resnet._C (sm_90), ~2 min on 16 cores
-#   bash scripts/gpu_session.sh test    # the whole suite on the GPU: cuda + triton backends, bf16 included
-#   bash scripts/gpu_session.sh bench   # microbenchmarks at ResNet-50 shapes, batch 256, bf16, channels_last
-#   bash scripts/gpu_session.sh e2e     # ResNet-50 training/inference: eager, compile, fused, fused+compile
-#   bash scripts/gpu_session.sh cli     # fused-resnet check + memory (charts and JSON under $OUT/cli)
-#   bash scripts/gpu_session.sh all     # the five in order
+#   bash scripts/gpu_session.sh                 # build warmup test conv bn e2e summary (~8 min in all)
+#   bash scripts/gpu_session.sh test conv       # chosen steps (build first if the extension is not built)
+#
+#   build    CUDA build of fused_resnet._C (sm_90)                                  <= 150 s
+#   warmup   Triton kernels for ResNet-50 compiled in parallel into Triton's cache    <=  60 s
+#            (python -m fused_resnet.kernels.warmup: the later steps would compile them one by one)
+#   test     the GPU-only tests: bf16 and the cuda / triton backends (BN ops, fused convolutions, models)
+#                                                                                     <= 120 s
+#   conv     convolution microbenchmarks, every ResNet-50 conv shape, batch 256 bf16  <=  75 s
+#   bn       BatchNorm microbenchmarks (module forward/backward per backend)          <=  45 s
+#   e2e      fused-resnet bench: ResNet-50 training + inference, eager vs fused       <=  90 s
+#   compile  fused-resnet bench with torch.compile variants (not in the default list: compiling takes minutes)
+#   summary  the tables of the steps that ran
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-step="${1:-all}"
 PY="${PYTHON:-python3}"
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(build warmup test conv bn e2e summary)
 
-versions() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
-  nvcc --version | tail -n 1
+run_step() {  # name timeout_s command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc after $((SECONDS - t0)) s (limit $limit s; log $OUT/$name.log)" | tee -a "$OUT/steps.txt"
+  tail -n 8 "$OUT/$name.log"
+  return $rc
 }
 
-if [[ "$step" == build || "$step" == all ]]; then
-  versions | tee "$OUT/versions.txt"
-  FUSED_RESNET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-  rc=$?
-  tail -n 5 "$OUT/build.log"
-  [[ $rc -eq 0 ]] || { echo "BUILD FAILED (see $OUT/build.log)"; grep -n "error" "$OUT/build.log" | head -40; exit 1; }
-  "$PY" -c "import fused_resnet, json; print(json.dumps(fused_resnet.build_info(), indent=1))" | tee "$OUT/build_info.json"
-fi
-
-if [[ "$step" == test || "$step" == all ]]; then
-  "$PY" -m pytest tests -q -p no:cacheprovider -rfs --maxfail=100 --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
-  echo "tests exit code: $?"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -60
-  tail -n 3 "$OUT/tests.log"
-fi
-
-if [[ "$step" == bench || "$step" == all ]]; then
-  "$PY" -m pytest benchmarks/bench_batch_norm.py -q -p no:cacheprovider --providers "${PROVIDERS:-triton,cuda,eager}" \
-    --results-json "$OUT/bench.json" --benchmark-json "$OUT/pytest_benchmark.json" \
-    --benchmark-columns=median >"$OUT/bench.log" 2>&1
-  echo "benchmarks exit code: $?"
-  grep -A80 "fused BatchNorm microbenchmarks" "$OUT/bench.log" | grep -v "^---" | head -90
-fi
-
-if [[ "$step" == e2e || "$step" == all ]]; then
-  "$PY" -m fused_resnet bench --out "$OUT/e2e" ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1
-  echo "end-to-end exit code: $?"
-  tail -n 12 "$OUT/e2e.log"
-fi
-
-if [[ "$step" == cli || "$step" == all ]]; then
-  "$PY" -m fused_resnet check --out "$OUT/cli" >"$OUT/check.log" 2>&1
-  echo "check exit code: $?"
-  tail -n 14 "$OUT/check.log"
-  "$PY" -m fused_resnet memory --out "$OUT/cli" >"$OUT/memory.log" 2>&1
-  echo "memory exit code: $?"
-  tail -n 14 "$OUT/memory.log"
-fi
+for step in "${steps[@]}"; do
+  case "$step" in
+    build)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+        nvcc --version | tail -n 1; } | tee "$OUT/versions.txt"
+      FUSED_RESNET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+        run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+        || { echo "BUILD FAILED"; grep -n "error" "$OUT/build.log" | head -40; exit 1; }
+      "$PY" -c "import fused_resnet, json; print(json.dumps(fused_resnet.build_info(), indent=1))" >"$OUT/build_info.json"
+      ;;
+    warmup)
+      run_step warmup 60 "$PY" -m fused_resnet.kernels.warmup --dtypes bf16 --jobs "${WARMUP_JOBS:-15}"
+      ;;
+    test)
+      # GPU-only cases: the cuda-parametrised ones (BN parity incl. bf16, fused convolutions, opcheck, compile)
+      # and the CUDA-only model tests.
+      run_step test 120 "$PY" -m pytest tests/test_batch_norm_parity.py tests/test_conv.py tests/test_op_registration.py \
+        tests/test_models_cuda.py -q -p no:cacheprovider -rfs -k "cuda" --maxfail=30 --junitxml="$OUT/tests.xml"
+      ;;
+    conv)
+      run_step conv 75 "$PY" benchmarks/bench_conv.py --out "$OUT"
+      ;;
+    bn)
+      run_step bn 45 "$PY" -m fused_resnet micro --no-kernels --rounds 10 --out "$OUT/bn" --quiet
+      ;;
+    e2e)
+      run_step e2e 90 "$PY" -m fused_resnet bench --variants "${E2E_VARIANTS:-eager,fused-triton}" --out "$OUT/e2e" --quiet
+      ;;
+    compile)
+      run_step compile 300 "$PY" -m fused_resnet bench --variants eager,compile,fused-triton,fused-compile --out "$OUT/compile" --quiet
+      ;;
+    summary)
+      echo "== steps"; cat "$OUT/steps.txt" 2>/dev/null
+      echo "== versions"; cat "$OUT/versions.txt" 2>/dev/null
+      grep -E "passed|failed" "$OUT/test.log" 2>/dev/null | tail -n 1
+      [[ -f "$OUT/conv.log" ]] && { echo "== convolutions (us / TFLOP/s)"; grep -E "^\|" "$OUT/conv.log"; }
+      [[ -f "$OUT/bn.log" ]] && { echo "== BatchNorm"; grep -E "^\|" "$OUT/bn.log" | head -40; }
+      [[ -f "$OUT/e2e.log" ]] && { echo "== end to end"; grep -E "^\|" "$OUT/e2e.log"; }
+      ;;
+    *)
+      echo "unknown step $step (build warmup test conv bn e2e compile summary)"; exit 2
+      ;;
+  esac
+done

@@ -31,3 +31,19 @@ def test_end_to_end_benchmark_script_forwards_to_the_cli(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["variant"] for r in data["results"]] == ["eager", "fused"]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in data["results"])
+
+
+def test_convolution_benchmark_harness_smoke(tmp_path):
+    """benchmarks/bench_conv.py at a tiny size: every provider that can run here, forward and backward, a JSON
+    row per case and a winner per shape (the fused one in Triton's interpreter, when TRITON_INTERPRET=1)."""
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    cmd = [sys.executable, "benchmarks/bench_conv.py", "--smoke", "--batch", "1", "--size", "32", "--shapes",
+           "layer1.0.conv1,layer1.0.conv2", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    data = json.loads((tmp_path / "bench_conv.json").read_text())
+    cases = {(r["name"], r["provider"], r["direction"]) for r in data["rows"]}
+    assert {("layer1.0.conv2", p, d) for p in ("cudnn", "cudnn+bn", "fused") for d in ("fwd", "bwd")} <= cases
+    assert all(r["us"] > 0 and r["tflops"] > 0 for r in data["rows"])
+    assert set(data["winners"].values()) <= {"fused", "cudnn+bn"} and len(data["winners"]) == 2
+    assert "| shape |" in result.stdout
