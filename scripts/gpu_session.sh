@@ -9,10 +9,10 @@
 #   build    CUDA build of fused_resnet._C (sm_90)                                  <= 150 s
 #   warmup   Triton kernels for ResNet-50 compiled in parallel into Triton's cache    <=  60 s
 #            (python -m fused_resnet.kernels.warmup: the later steps would compile them one by one)
-#   test     the GPU-only tests: bf16 and the cuda / triton backends (BN ops, fused convolutions, models)
-#                                                                                     <= 120 s
-#   conv     convolution microbenchmarks, every ResNet-50 conv shape, batch 256 bf16  <=  75 s
-#   bn       BatchNorm microbenchmarks (module forward/backward per backend)          <=  45 s
+#   test     the GPU-only tests: bf16 and the cuda / triton backends (models, fused convolutions, BN ops)
+#                                                                                     <= 130 s
+#   conv     convolution microbenchmarks, every ResNet-50 conv shape, batch 256 bf16  <=  60 s
+#   bn       BatchNorm microbenchmarks (module forward/backward per backend)          <=  30 s
 #   e2e      fused-resnet bench: ResNet-50 training + inference, eager vs fused       <=  90 s
 #   compile  fused-resnet bench with torch.compile variants (not in the default list: compiling takes minutes)
 #   summary  the tables of the steps that ran
@@ -53,14 +53,16 @@ for step in "${steps[@]}"; do
     test)
       # GPU-only cases: the cuda-parametrised ones (BN parity incl. bf16, fused convolutions, opcheck, compile)
       # and the CUDA-only model tests.
-      run_step test 120 "$PY" -m pytest tests/test_batch_norm_parity.py tests/test_conv.py tests/test_op_registration.py \
-        tests/test_models_cuda.py -q -p no:cacheprovider -rfs -k "cuda" --maxfail=30 --junitxml="$OUT/tests.xml"
+      # Order: the model tests first (ResNet-50 bf16 parity, CUDA graphs, torchvision; their kernels are the
+      # warmed-up ones), then the convolutions (each test compiles its own small-shape variants), then BN.
+      run_step test 130 "$PY" -m pytest tests/test_models_cuda.py tests/test_conv.py tests/test_batch_norm_parity.py \
+        tests/test_op_registration.py -q -p no:cacheprovider -rfs -k "cuda" --maxfail=30 --junitxml="$OUT/tests.xml"
       ;;
     conv)
-      run_step conv 75 "$PY" benchmarks/bench_conv.py --out "$OUT"
+      run_step conv 60 "$PY" benchmarks/bench_conv.py --out "$OUT"
       ;;
     bn)
-      run_step bn 45 "$PY" -m fused_resnet micro --no-kernels --rounds 10 --out "$OUT/bn" --quiet
+      run_step bn 30 "$PY" -m fused_resnet micro --no-kernels --rounds 10 --out "$OUT/bn" --quiet
       ;;
     e2e)
       run_step e2e 90 "$PY" -m fused_resnet bench --variants "${E2E_VARIANTS:-eager,fused-triton}" --out "$OUT/e2e" --quiet

@@ -13,7 +13,7 @@ column, split-K); on CUDA with the launchers' own configurations.
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, skip_unsupported
 from fused_resnet import dispatch
 from fused_resnet.kernels import conv_configs
 from fused_resnet.ops.conv import batch_norm_act_conv2d_stats, conv2d_bias_act, conv2d_stats
@@ -30,7 +30,7 @@ CASES = {
     "7x7_s2_stem": (1, 3, 17, 15, 16, 7, 7, 2, 3, 1, 1),
     "1x1_map": (3, 65, 1, 1, 20, 1, 1, 1, 0, 1, 1),
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOORS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -132,6 +132,7 @@ def test_triton_conv_matches_float64(device, case, dtype, prologue):
     if not dispatch.supports_conv("triton", torch.empty(1, 1, 1, 1, dtype=dtype, device=device),
                                   torch.empty(1, 1, 1, 1, dtype=dtype, device=device)):
         pytest.skip("the Triton convolutions need CUDA or TRITON_INTERPRET=1")
+    skip_unsupported("triton", device, dtype)
     memory_format = torch.channels_last if case != "3x3_dil2" else torch.contiguous_format
     _check(case, dtype, device, memory_format, prologue, "triton", "triton")
 

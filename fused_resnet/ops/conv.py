@@ -279,16 +279,19 @@ def _check_conv(x: Tensor, conv_weight: Tensor, groups: int) -> None:
         raise ValueError(f"fused_resnet: conv_weight is on {conv_weight.device} but the input is on {x.device}")
 
 
-def _measure(backend, x, weight, stride, padding, dilation, groups, prologue, train: bool):
-    """measure(impl) -> seconds of one convolution (forward, and dgrad + wgrad when training) on these inputs,
-    for dispatch.conv_choice's per-shape choice on CUDA (triton.testing.do_bench: CUDA events, L2 flushed)."""
+def _measure(backend, x, weight, stride, padding, dilation, groups, prologue, train: bool, eval_epilogue: bool):
+    """measure(impl) -> seconds of one convolution with its epilogue (the statistics, or the eval bias + ReLU)
+    and, when training, dgrad + wgrad, on these inputs: for dispatch.conv_choice's per-shape choice on CUDA
+    (triton.testing.do_bench: CUDA events, L2 flushed)."""
     def measure(impl: str) -> float:
         from triton.testing import do_bench
 
         fns = dispatch.conv_functions(impl, backend)
+        bias = torch.zeros(weight.shape[0], device=x.device, dtype=torch.float32) if eval_epilogue else None
 
         def run():
-            y, _ = fns.fwd(x, weight, stride, padding, dilation, groups, prologue=prologue, stats=True)
+            y, _ = fns.fwd(x, weight, stride, padding, dilation, groups, prologue=prologue, stats=not eval_epilogue,
+                           bias=bias, relu=eval_epilogue)
             if train:
                 fns.dgrad(y, weight, x.shape, stride, padding, dilation, groups, x.dtype, _out_format(x))
                 fns.wgrad(y, x, weight.shape, stride, padding, dilation, groups, weight.dtype, prologue)
@@ -306,7 +309,7 @@ def _choose(backend, x, weight, stride, padding, dilation, groups, prologue, kin
     return dispatch.conv_choice(backend, x, weight, stride, padding, dilation, groups, prologue is not None,
                                 f"{kind}/{'train' if train else 'infer'}",
                                 measure=_measure(backend, x, weight, stride, padding, dilation, groups, prologue,
-                                                 train) if measurable else None)
+                                                 train, kind == "conv_bias") if measurable else None)
 
 
 def conv2d_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
