@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import conv_configs
 from .batch_norm import _sum_partials
-from .conv_fwd import _apply_prologue, _nchw_strides, _pixel_coords, _prologue_consts, dot_precision
+from .conv_fwd import _apply_prologue, _nchw_strides, _pixel_coords, _prologue_consts, _tap, dot_precision
 
 
 @triton.jit
@@ -64,10 +64,7 @@ def _conv_dgrad_kernel(
     num_kb = tl.cdiv(K_g, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kk in range(0, R * S * num_kb):
-        rs = kk // num_kb
-        kb = kk - rs * num_kb
-        r = rs // S
-        s = rs - r * S
+        r, s, kb = _tap(kk, num_kb, S)
         oh_num = h + pad_h - r * dil_h
         ow_num = w + pad_w - s * dil_w
         oh = oh_num // stride_h

@@ -57,6 +57,14 @@ def _pixel_coords(idx, H, W):
 
 
 @triton.jit
+def _tap(kk, num_blocks, S):
+    """(r, s, block) of the flat reduction index kk = (r * S + s) * num_blocks + block."""
+    rs = kk // num_blocks
+    r = rs // S
+    return r, rs - r * S, kk - rs * num_blocks
+
+
+@triton.jit
 def _prologue_consts(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, cin, cmask,
                      HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr):
     """(mean, scale = weight * invstd, bias) of the previous BatchNorm for a block of input channels (fp32)."""
@@ -115,10 +123,7 @@ def _conv_fwd_kernel(
     w_cols = w_ptr + co.to(tl.int64) * sw_k
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kk in range(0, R * S * num_cb):
-        rs = kk // num_cb
-        cb = kk - rs * num_cb
-        r = rs // S
-        s = rs - r * S
+        r, s, cb = _tap(kk, num_cb, S)
         ih = ih0 + r * dil_h
         iw = iw0 + s * dil_w
         inside = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
