@@ -171,6 +171,10 @@ def test_opcheck_recompute_ops(backend_device):
         bias = torch.randn(4, device=device, requires_grad=True)
         y, _ = torch.ops.fused_resnet.conv_stats(x, conv_w, [1, 1], [1, 1], [1, 1], 1, None, None, None, None, None,
                                                  False, impl, backend, None)
+        if dispatch.conv_functions(impl, backend).dgrad_bn is not None:
+            torch.library.opcheck(torch.ops.fused_resnet.conv_dgrad_bn.default,
+                                  (torch.randn_like(y), conv_w.detach(), x, a["mean"], a["invstd"], a["weight"], a["bias"],
+                                   True, [1, 1], [1, 1], [1, 1], 1, True, impl, backend))
         torch.library.opcheck(torch.ops.fused_resnet.conv_bias_act.default,
                               (grads["x"], grads["cw"], bias, torch.randn_like(y).requires_grad_(), [1, 1], [1, 1],
                                [1, 1], 1, True, impl, backend))

@@ -35,13 +35,21 @@ from .conv_fwd import _apply_prologue, _nchw_strides, _pixel_coords, _prologue_c
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
-    M, H, W, Ho, Wo, C, C_g, K_g, num_n_g,
-    sd_n, sd_c, sd_h, sd_w, sw_k, sw_c, sw_r, sw_s, sx_n, sx_c, sx_h, sx_w,
+    x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, part_ptr,   # BN_REDUCE: the prologue's BatchNorm; part fp32
+    M, H, W, Ho, Wo, C, C_g, K_g, num_n_g,                     #            [num_m_tiles, 2, C]
+    sd_n, sd_c, sd_h, sd_w, sw_k, sw_c, sw_r, sw_s, sx_n, sx_c, sx_h, sx_w, sp_n, sp_c, sp_h, sp_w,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN_REDUCE: tl.constexpr, RELU_MASK: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Program: a tile of input pixels x a tile of input channels of one group (grouped program order)."""
+    """Program: a tile of input pixels x a tile of input channels of one group (grouped program order).
+
+    BN_REDUCE (the convolution had a BatchNorm + ReLU prologue): the epilogue, with the tile of da in
+    registers, reads the pre-BatchNorm x (strides sp_*) at the same positions, applies the ReLU mask of the
+    forward's prologue (recomputed with its expression), stores dz = da * mask instead of da, and writes the
+    tile's partial (sum dz, sum dz * xhat) per input channel: the BatchNorm backward's reduction pass,
+    fused (cuDNN's dgrad + dReLU + dBN fusion). Rows past M contribute nothing."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = num_n_g * (C // C_g)
@@ -79,9 +87,22 @@ def _conv_dgrad_kernel(
         b = tl.load(w_ptr + kout.to(tl.int64)[:, None] * sw_k + cloc.to(tl.int64)[None, :] * sw_c
                     + r * sw_r + s * sw_s, mask=kmask[:, None] & cmask_out[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    omask = rmask[:, None] & cmask_out[None, :]
+    if BN_REDUCE:
+        xv = tl.load(x_ptr + n_i.to(tl.int64)[:, None] * sp_n + (h * sp_h + w * sp_w)[:, None]
+                     + (cin * sp_c)[None, :], mask=omask, other=0.0).to(tl.float32)
+        mean, scale, beta = _prologue_consts(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, cin, cmask_out,
+                                             HAS_BN_WEIGHT, HAS_BN_BIAS)
+        if RELU_MASK:
+            acc = tl.where((xv - mean[None, :]) * scale[None, :] + beta[None, :] > 0, acc, 0.0)
+        acc = tl.where(omask, acc, 0.0)
+        invstd = tl.load(invstd_ptr + cin, mask=cmask_out, other=0.0).to(tl.float32)
+        xhat = (xv - mean[None, :]) * invstd[None, :]
+        out = part_ptr + pm.to(tl.int64) * 2 * C + cin
+        tl.store(out, tl.sum(acc, 0), mask=cmask_out)
+        tl.store(out + C, tl.sum(acc * xhat, 0), mask=cmask_out)
     tl.store(dx_ptr + n_i.to(tl.int64)[:, None] * sx_n + h[:, None] * sx_h + w[:, None] * sx_w
-             + cin.to(tl.int64)[None, :] * sx_c, acc.to(dx_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask_out[None, :])
+             + cin.to(tl.int64)[None, :] * sx_c, acc.to(dx_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -149,32 +170,62 @@ def _conv_wgrad_kernel(
 # Launchers
 
 
-def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
-               dtype: torch.dtype, memory_format=torch.channels_last) -> Tensor:
-    """Gradient of conv2d's input (shape ``input_shape``) from grad_out, in ``dtype`` and ``memory_format``."""
+def _dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
+           dtype: torch.dtype, memory_format, bn: Optional[tuple]) -> tuple[Tensor, Optional[Tensor]]:
     N, C, H, W = input_shape
     K, C_g, R, S = weight.shape
     _, _, Ho, Wo = grad_out.shape
     K_g = K // groups
     dx = torch.empty(input_shape, dtype=dtype, device=grad_out.device, memory_format=memory_format)
     M = N * H * W
-    if M == 0 or C == 0:
-        return dx
-    if K == 0 or grad_out.numel() == 0:
-        return dx.zero_()
-    cfg = conv_configs.dgrad_config(grad_out, M, C_g, K_g)
+    if M == 0 or C == 0 or K == 0 or grad_out.numel() == 0:
+        sums = torch.zeros((2, C), dtype=torch.float32, device=grad_out.device) if bn is not None else None
+        return (dx.zero_() if M and C else dx), sums
+    cfg = conv_configs.dgrad_config(grad_out, M, C_g, K_g, fused_bn=bn is not None)
     num_n_g = triton.cdiv(C_g, cfg.block_n)
-    grid = (triton.cdiv(M, cfg.block_m) * num_n_g * groups,)
+    num_m_tiles = triton.cdiv(M, cfg.block_m)
+    if bn is not None:
+        x, mean, invstd, bn_weight, bn_bias, relu = bn
+        part = torch.empty((num_m_tiles, 2, C), dtype=torch.float32, device=grad_out.device)
+    else:
+        x = mean = invstd = bn_weight = bn_bias = None
+        relu, part = False, dx
+    dummy = dx
+    grid = (num_m_tiles * num_n_g * groups,)
     _conv_dgrad_kernel[grid](
         grad_out, weight, dx,
+        x if x is not None else dummy, mean if mean is not None else dummy, invstd if invstd is not None else dummy,
+        bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, part,
         M, H, W, Ho, Wo, C, C_g, K_g, num_n_g,
         *_nchw_strides(grad_out), *_nchw_strides(weight), *_nchw_strides(dx),
+        *(_nchw_strides(x) if x is not None else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=R, S=S, DOT_PRECISION=dot_precision(grad_out.dtype),
+        BN_REDUCE=bn is not None, RELU_MASK=bool(relu), HAS_BN_WEIGHT=bn_weight is not None,
+        HAS_BN_BIAS=bn_bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dx
+    if bn is None:
+        return dx, None
+    sums = torch.empty((2, C), dtype=torch.float32, device=grad_out.device)
+    _sum_partials(part, sums)
+    return dx, sums
+
+
+def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
+               dtype: torch.dtype, memory_format=torch.channels_last) -> Tensor:
+    """Gradient of conv2d's input (shape ``input_shape``) from grad_out, in ``dtype`` and ``memory_format``."""
+    return _dgrad(grad_out, weight, input_shape, stride, padding, dilation, groups, dtype, memory_format, None)[0]
+
+
+def conv_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, stride, padding, dilation,
+                  groups: int, memory_format=torch.channels_last) -> tuple[Tensor, Tensor]:
+    """(dz, (sum dz, sum dz * xhat) float32 [2, C]) for a convolution whose input was relu?(bn(x)): dgrad with
+    the ReLU mask and the BatchNorm backward's reduction in its epilogue (x: the pre-BatchNorm tensor)."""
+    return _dgrad(grad_out, weight, x.shape, stride, padding, dilation, groups, x.dtype, memory_format,
+                  (x, mean, invstd, bn_weight, bn_bias, relu))
 
 
 def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilation, groups: int,
@@ -223,4 +274,4 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     return summed.permute(0, 3, 1, 2).to(dtype)
 
 
-__all__ = ["conv_dgrad", "conv_wgrad"]
+__all__ = ["conv_dgrad", "conv_dgrad_bn", "conv_wgrad"]

@@ -64,9 +64,14 @@ def fwd_config(x: torch.Tensor, m: int, n: int, per_tap: int) -> Config:
     return Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, stages)
 
 
-def dgrad_config(grad_out: torch.Tensor, m: int, n: int, per_tap: int) -> Config:
-    """dgrad GEMM: m input pixels x n input channels (of a group), per tap a reduction over K_g channels."""
-    return fwd_config(grad_out, m, n, per_tap)
+def dgrad_config(grad_out: torch.Tensor, m: int, n: int, per_tap: int, fused_bn: bool = False) -> Config:
+    """dgrad GEMM: m input pixels x n input channels (of a group), per tap a reduction over K_g channels.
+    With the BatchNorm-backward epilogue (``fused_bn``) at most 64 columns: its x, mask and xhat tiles beside
+    the accumulator spilled 128 x 128 tiles under Triton 3.6 (tests/triton_compile.py)."""
+    cfg = fwd_config(grad_out, m, n, per_tap)
+    if fused_bn and cfg.block_n > 64:
+        return Config(cfg.block_m, 64, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 def wgrad_config(x: torch.Tensor, k_g: int, c_g: int, pixels: int) -> Config:

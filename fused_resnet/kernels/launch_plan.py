@@ -83,7 +83,7 @@ def record_resnet50(monkeypatch_setattr, dtypes=(torch.bfloat16, torch.float32))
     epilogue with and without the BatchNorm prologue, and the eval epilogue), dgrad and wgrad, and the
     BatchNorm kernels at the BatchNorm shapes."""
     from fused_resnet.kernels import batch_norm as bn
-    from fused_resnet.kernels.conv_bwd import conv_dgrad, conv_wgrad
+    from fused_resnet.kernels.conv_bwd import conv_dgrad, conv_dgrad_bn, conv_wgrad
     from fused_resnet.kernels.conv_fwd import conv_fwd
 
     label = {"text": ""}
@@ -108,6 +108,9 @@ def record_resnet50(monkeypatch_setattr, dtypes=(torch.bfloat16, torch.float32))
                 conv_fwd(x, w, *args, bias=per_c(k), residual=y, relu=True)
                 label["text"] = f"dgrad {name}"
                 conv_dgrad(y, w, x.shape, *args, dtype)
+                if c > 3:
+                    label["text"] = f"dgrad+relu+bn-reduce {name}"
+                    conv_dgrad_bn(y, w, x, per_c(c), per_c(c), per_c(c), per_c(c), True, *args)
                 label["text"] = f"wgrad {name}"
                 conv_wgrad(y, x, w.shape, *args, dtype,
                            prologue=(per_c(c), per_c(c), per_c(c), per_c(c), True) if c > 3 else None)

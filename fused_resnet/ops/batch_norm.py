@@ -222,17 +222,23 @@ def _all_gather_stats(stats: Tensor, group_name: str) -> Tensor:
 
 
 def bn_act_grads(grad, x, mean, invstd, weight, bias, count, out, relu, backend, group_name,
-                 need_x, need_w, need_b, need_r):
+                 need_x, need_w, need_b, need_r, reduced: Optional[Tensor] = None):
     """Gradients of y = relu?(bn(x) [+ residual]) from grad = dL/dy: (grad_x, grad_weight, grad_bias,
     grad_residual), each None when not needed. One reduction pass (skipped when only grad_x is needed with
     running statistics) and one elementwise pass. With batch statistics (``count`` given) grad_x includes
-    their dependence on x; ``group_name`` all-reduces the reduction first (synchronized BN)."""
+    their dependence on x; ``group_name`` all-reduces the reduction first (synchronized BN).
+
+    ``reduced``: the reduction (sum dz, sum dz * xhat) computed by the caller together with grad (a dgrad
+    epilogue, kernels/conv_bwd.py); grad is then dz, the ReLU mask already applied, and no residual enters."""
     batch_stats = count is not None
     grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     grad_x = grad_w = grad_b = grad_r = None
-    sums = None
-    if need_w or need_b or (need_x and batch_stats):
+    sums = reduced
+    if reduced is not None:
+        relu = False  # grad is dz
+    if reduced is None and (need_w or need_b or (need_x and batch_stats)):
         sums = _backward_reduce(grad, x, mean, invstd, weight, bias, out, relu, backend)
+    if sums is not None:
         if need_w:
             grad_w = sums[1].to(weight.dtype)
         if need_b:

@@ -16,8 +16,10 @@ the weight, the per-channel statistics and parameters; for conv_bias_act with a 
 mask). The statistics output is not differentiable: the BatchNorm that consumes it accounts for its
 dependence on y (its backward with batch statistics), as it does for statistics it computed itself.
 
-Backward: da = dgrad(dy, w) and dw = wgrad(dy, prologue(x)); then the prologue BatchNorm's backward turns da
-into dx, dweight and dbias (bn_act_grads: ReLU mask, reductions, elementwise pass).
+Backward: dw = wgrad(dy, prologue(x)) and da = dgrad(dy, w); then the prologue BatchNorm's backward turns da
+into dx, dweight and dbias (bn_act_grads: ReLU mask, reductions, elementwise pass). The Triton dgrad applies
+the ReLU mask and computes the BatchNorm's reductions in its epilogue (conv_dgrad_bn), leaving only the
+elementwise pass.
 """
 from __future__ import annotations
 
@@ -92,6 +94,27 @@ def _(grad_out, x, weight_shape, stride, padding, dilation, groups, dtype, chann
     return torch.empty(weight_shape, dtype=dtype, device=x.device, memory_format=_format(channels_last))
 
 
+@torch.library.custom_op("fused_resnet::conv_dgrad_bn", mutates_args=())
+def conv_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, channels_last: bool, impl: str,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """(dz, (sum dz, sum dz * xhat)): dgrad of a convolution whose input was relu?(bn(x)), with the ReLU mask
+    and the BatchNorm backward's reduction fused into its epilogue (implementations that have it)."""
+    fns = dispatch.conv_functions(impl, backend)
+    fmt = _format(channels_last)
+    dz, sums = fns.dgrad_bn(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation,
+                            groups, fmt)
+    return dz.contiguous(memory_format=fmt), sums
+
+
+@conv_dgrad_bn.register_fake
+def _(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation, groups, channels_last,
+      impl, backend):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last)),
+            mean.new_empty((2, x.shape[1])))
+
+
 def _is_channels_last(t: Tensor) -> bool:
     return _out_format(t) == torch.channels_last
 
@@ -100,6 +123,13 @@ def _dgrad(grad_out, weight, x, stride, padding, dilation, groups, impl, backend
     args = (grad_out, weight, list(x.shape), stride, padding, dilation, groups, x.dtype, _is_channels_last(x), impl,
             backend)
     return conv_dgrad._init_fn(*args) if eager(grad_out, weight) else conv_dgrad(*args)
+
+
+def _dgrad_bn(grad_out, weight, x, prologue, stride, padding, dilation, groups, impl, backend):
+    mean, invstd, bn_weight, bn_bias, relu = prologue
+    args = (grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation, groups,
+            _is_channels_last(x), impl, backend)
+    return conv_dgrad_bn._init_fn(*args) if eager(grad_out, weight, x) else conv_dgrad_bn(*args)
 
 
 def _wgrad(grad_out, x, weight, stride, padding, dilation, groups, prologue, impl, backend) -> Tensor:
@@ -170,7 +200,14 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
     if need_w:
         grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
     need_a = need_x or (prologue is not None and (need_bw or need_bb))
-    if need_a:
+    if need_a and prologue is not None and dispatch.conv_functions(ctx.impl, ctx.backend).dgrad_bn is not None:
+        # dgrad + ReLU mask + the BatchNorm's backward reduction in one kernel; the elementwise pass follows.
+        dz, reduced = _dgrad_bn(grad_y, weight, x, prologue, stride, padding, dilation, groups, ctx.impl,
+                                ctx.backend)
+        grad_x, grad_bw, grad_bb, _ = bn_act_grads(dz, x, mean, invstd, bn_weight, bn_bias, count, None, ctx.relu,
+                                                   ctx.backend, ctx.group_name, need_x, need_bw, need_bb, False,
+                                                   reduced=reduced)
+    elif need_a:
         grad_a = _dgrad(grad_y, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
         if prologue is None:
             grad_x = grad_a
