@@ -227,3 +227,33 @@ def test_selection_is_cached_per_shape_and_overridable(monkeypatch):
     assert dispatch.conv_choice("triton", OnCuda(), w, *args, None) == "triton"  # heuristic: wide enough
     stem = torch.empty(64, 3, 7, 7)
     assert dispatch.conv_choice("triton", OnCuda(), stem, *args, None) == "aten"  # 3 input channels
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_module_forward_conv_and_forward_maxpool(backend):
+    """BatchNormAct2d.forward_conv / forward_maxpool (kept for compatibility) compute conv(bn(x)) and pool(bn(x))
+    like the modules in sequence, in float64 (cpu backend) or fp32 (Triton); with a hook, they run the
+    modules so that it fires."""
+    from torch import nn
+
+    import fused_resnet
+
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    x, *_ = _inputs("3x3", dtype, "cpu", torch.channels_last)
+    if backend == "triton" and not dispatch.supports_conv("triton", x, torch.empty(4, 16, 3, 3)):
+        pytest.skip("the Triton convolutions need CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False).to(dtype)
+    pool = nn.MaxPool2d(3, 2, 1)
+    for relu in (True, False):
+        bn = fused_resnet.BatchNormAct2d(16, fuse_relu=relu, backend=backend).to(dtype)
+        ref = nn.BatchNorm2d(16).to(dtype)
+        seq = (lambda t: torch.relu(ref(t))) if relu else ref
+        tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bn.forward_conv(x, conv), conv(seq(x)), **tol)
+        torch.testing.assert_close(bn.forward_maxpool(x, pool), pool(seq(x)), **tol)
+        torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
+    calls = []
+    conv.register_forward_hook(lambda *a: calls.append("conv"))
+    bn.forward_conv(x, conv)
+    assert calls == ["conv"]

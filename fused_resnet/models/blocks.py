@@ -29,9 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
-from torch.nn.utils import parametrize
-
+from .._modules import no_global_hooks, unobserved
 from ..nn.batch_norm import batch_norm_arguments, is_batch_norm_2d
 from ..ops.batch_norm import batch_norm_act
 from ..ops.bn_act_maxpool import batch_norm_act_maxpool
@@ -39,22 +37,8 @@ from ..ops.conv import batch_norm_act_conv2d_stats, conv2d_stats
 from .fold import can_fold, conv_bias_act
 
 # ---------------------------------------------------------------------------------------------------------
-# Is a module's call observable, or its computation other than its class's stock forward?
-
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-
-
-def no_global_hooks() -> bool:
-    """No module hook is registered globally (nn.modules.module.register_module_forward_hook and friends)."""
-    return not any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)
-
-
-def unobserved(m: nn.Module) -> bool:
-    """No hook on ``m`` and no parametrization of its tensors (torch.nn.utils.prune and the old weight_norm
-    are forward pre-hooks; parametrizations.weight_norm / spectral_norm are parametrizations)."""
-    return not any(getattr(m, name, None) for name in _MODULE_HOOKS) and not parametrize.is_parametrized(m)
+# Is a module's computation other than its class's stock forward? (Whether its call is observed:
+# fused_resnet/_modules.py.)
 
 
 def fusable_conv(m) -> bool:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .._modules import no_global_hooks, unobserved
 from ..ops.batch_norm import batch_norm_act
 
 
@@ -94,6 +95,31 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return batch_norm_act(x, residual=residual, relu=self.fuse_relu, **batch_norm_arguments(self, x))
+
+    def forward_conv(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        """``conv(self(x))`` without keeping this module's output for backward (fused_resnet.ops
+        batch_norm_act_conv). The plain sequence for what that op does not cover: a conv with a bias, non-zero
+        padding modes or string padding, or hooks on either module (so that they fire)."""
+        from ..ops.conv import batch_norm_act_conv
+
+        if (conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or not (no_global_hooks() and unobserved(self) and unobserved(conv)) or type(conv) is not nn.Conv2d):
+            return conv(self(x))
+        return batch_norm_act_conv(x, conv_weight=conv.weight, stride=conv.stride, padding=conv.padding,
+                                   dilation=conv.dilation, groups=conv.groups, relu=self.fuse_relu,
+                                   **batch_norm_arguments(self, x))
+
+    def forward_maxpool(self, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+        """``pool(self(x))`` keeping neither the pool's input nor its argmax indices for backward (the plain
+        sequence for a pool returning indices, or hooks on either module)."""
+        from ..ops.bn_act_maxpool import batch_norm_act_maxpool
+
+        if (pool.return_indices or not (no_global_hooks() and unobserved(self) and unobserved(pool))
+                or type(pool) is not nn.MaxPool2d):
+            return pool(self(x))
+        return batch_norm_act_maxpool(x, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                                      dilation=pool.dilation, ceil_mode=pool.ceil_mode, relu=self.fuse_relu,
+                                      **batch_norm_arguments(self, x))
 
     # nn.SyncBatchNorm.convert_sync_batchnorm (torchvision's reference script calls it for --sync-bn) replaces
     # every BatchNorm with a plain nn.SyncBatchNorm. For this module with fuse_relu=True that silently drops the
