@@ -13,16 +13,28 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's SPDX `license = "BSD-3-Clause"` needs setuptools 77; an isolated build gets it from
+# [build-system], a build without isolation (the one that works, see below) uses the installed setuptools.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"fused_resnet: the build needs setuptools>=77 (installed: {setuptools.__version__}): "
+             "pip install 'setuptools>=77'")
 
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # pragma: no cover - build-environment guard
+except ImportError as exc:  # build-environment guard (tests/test_packaging.py runs it)
     sys.exit(
-        "fused_resnet: torch must be installed before building, and the build must see it:\n"
-        "  pip install torch==2.13.0            # CPU machine; a GPU machine keeps its CUDA torch\n"
-        "  pip install --no-build-isolation -e ."
+        f"fused_resnet: the build cannot import torch ({exc}).\n"
+        "The extension is compiled against the installed torch, so the build must see it. If torch is installed,\n"
+        "the likely cause is build isolation (the default of pip and `python -m build`: the build runs in a fresh\n"
+        "environment without your packages). Build without it:\n"
+        "  pip install --no-build-isolation \".[cli]\"    # or, for development: pip install --no-build-isolation -e .\n"
+        "  python -m build --no-isolation               # sdist and wheel\n"
+        "If torch is not installed, install it first:\n"
+        "  pip install torch==2.13.0                    # CPU machine; a GPU machine keeps its CUDA torch"
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -20,10 +20,10 @@ import importlib.util
 wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "pybind11",
           "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel"}
 missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
-# Without build isolation the build uses the installed setuptools; editable installs need >= 64.
+# Without build isolation the build uses the installed setuptools: pyproject.toml's SPDX license needs >= 77.
 import setuptools
-if int(setuptools.__version__.split(".")[0]) < 64:
-    missing.append("setuptools>=64")
+if int(setuptools.__version__.split(".")[0]) < 77:
+    missing.append("setuptools>=77")
 print(" ".join(missing))
 PY
 )
