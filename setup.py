@@ -7,6 +7,11 @@ Environment switches:
   MAX_JOBS                     parallel compile jobs; defaults to half the cores, capped by memory (nvcc
                                needs ~2-3 GB per job), so a 2-core machine compiles one file at a time.
   TORCH_CUDA_ARCH_LIST         CUDA targets; defaults to the visible GPU, else "8.0;9.0".
+
+A compiled torch extension loads only with the torch it was compiled against, so the build must see the
+installed torch (build without isolation: `pip install --no-build-isolation ".[cli]"`), the wheel's metadata
+pins that torch (`torch==X.Y.Z`, its public version), and the build writes fused_resnet/_torch_build.py beside
+_C, which fused_resnet.backends compares with the running torch before loading _C.
 """
 import glob
 import os
@@ -38,6 +43,15 @@ except ImportError as exc:  # build-environment guard (tests/test_packaging.py r
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCH_RECORD = "_torch_build.py"
+
+
+def torch_requirement(torch_version: str) -> str:
+    """The wheel's torch requirement: the public part of the torch version the build compiles against
+    (``2.11.0+cu128`` -> ``torch==2.11.0``). PEP 440 matches ``==2.11.0`` with any local label, so the pin
+    accepts that release's CPU and CUDA builds alike (the same C++ API); fused_resnet.backends compares the
+    release again at import and names both versions if _C still fails to load."""
+    return "torch==" + str(torch_version).split("+", 1)[0]
 
 
 def _default_max_jobs() -> str:
@@ -103,9 +117,28 @@ def _extension():
     )
 
 
-os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+class BuildExtensionRecordingTorch(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, which also writes fused_resnet/_torch_build.py wherever _C goes: the build
+    directory (what a wheel packs) and, for in-place and editable builds, the source package."""
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+    def run(self):
+        super().run()
+        targets = {os.path.join(self.build_lib, "fused_resnet")}
+        if self.inplace:  # setuptools builds into build_lib, then copies _C into the source package
+            targets.add(os.path.abspath(self.get_finalized_command("build_py").get_package_dir("fused_resnet")))
+        for target in targets:
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, TORCH_RECORD), "w") as f:
+                f.write("# Written by setup.py when it compiled fused_resnet._C (not tracked): the torch it was compiled\n"
+                        "# against. fused_resnet.backends loads _C only when the running torch has this version.\n"
+                        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+                        f"TORCH_CUDA = {torch.version.cuda!r}\n")
+
+
+if __name__ == "__main__":  # pip, `python -m build` and `python setup.py` all run it as __main__
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    setup(
+        ext_modules=[_extension()],
+        install_requires=[torch_requirement(torch.__version__), "numpy"],
+        cmdclass={"build_ext": BuildExtensionRecordingTorch},
+    )
