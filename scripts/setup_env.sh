@@ -18,7 +18,10 @@ fi
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
 wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "pybind11",
-          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel"}
+          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel",
+          "build.__main__": "build"}
+# build: scripts/check_package.sh makes the sdist and the wheel with it (build.__main__, since the setuptools
+# output folder ./build would pass for a namespace package named build).
 missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
 # Without build isolation the build uses the installed setuptools: pyproject.toml's SPDX license needs >= 77.
 import setuptools
