@@ -7,25 +7,51 @@ Environment switches:
   MAX_JOBS                     parallel compile jobs; defaults to half the cores, capped by memory (nvcc
                                needs ~2-3 GB per job), so a 2-core machine compiles one file at a time.
   TORCH_CUDA_ARCH_LIST         CUDA targets; defaults to the visible GPU, else "8.0;9.0".
+
+A compiled torch extension loads only with the torch it was compiled against, so the build must see the
+installed torch (build without isolation: `pip install --no-build-isolation ".[cli]"`), the wheel's metadata
+pins that torch (`torch==X.Y.Z`, its public version), and the build writes fused_resnet/_torch_build.py beside
+_C, which fused_resnet.backends compares with the running torch before loading _C.
 """
 import glob
 import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's SPDX `license = "BSD-3-Clause"` needs setuptools 77; an isolated build gets it from
+# [build-system], a build without isolation (the one that works, see below) uses the installed setuptools.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"fused_resnet: the build needs setuptools>=77 (installed: {setuptools.__version__}): "
+             "pip install 'setuptools>=77'")
 
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # pragma: no cover - build-environment guard
+except ImportError as exc:  # build-environment guard (tests/test_packaging.py runs it)
     sys.exit(
-        "fused_resnet: torch must be installed before building, and the build must see it:\n"
-        "  pip install torch==2.13.0            # CPU machine; a GPU machine keeps its CUDA torch\n"
-        "  pip install --no-build-isolation -e ."
+        f"fused_resnet: the build cannot import torch ({exc}).\n"
+        "The extension is compiled against the installed torch, so the build must see it. If torch is installed,\n"
+        "the likely cause is build isolation (the default of pip and `python -m build`: the build runs in a fresh\n"
+        "environment without your packages). Build without it:\n"
+        "  pip install --no-build-isolation \".[cli]\"    # or, for development: pip install --no-build-isolation -e .\n"
+        "  python -m build --no-isolation               # sdist and wheel\n"
+        "If torch is not installed, install it first:\n"
+        "  pip install torch==2.13.0                    # CPU machine; a GPU machine keeps its CUDA torch"
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCH_RECORD = "_torch_build.py"
+
+
+def torch_requirement(torch_version: str) -> str:
+    """The wheel's torch requirement: the public part of the torch version the build compiles against
+    (``2.11.0+cu128`` -> ``torch==2.11.0``). PEP 440 matches ``==2.11.0`` with any local label, so the pin
+    accepts that release's CPU and CUDA builds alike (the same C++ API); fused_resnet.backends compares the
+    release again at import and names both versions if _C still fails to load."""
+    return "torch==" + str(torch_version).split("+", 1)[0]
 
 
 def _default_max_jobs() -> str:
@@ -91,9 +117,28 @@ def _extension():
     )
 
 
-os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+class BuildExtensionRecordingTorch(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, which also writes fused_resnet/_torch_build.py wherever _C goes: the build
+    directory (what a wheel packs) and, for in-place and editable builds, the source package."""
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+    def run(self):
+        super().run()
+        targets = {os.path.join(self.build_lib, "fused_resnet")}
+        if self.inplace:  # setuptools builds into build_lib, then copies _C into the source package
+            targets.add(os.path.abspath(self.get_finalized_command("build_py").get_package_dir("fused_resnet")))
+        for target in targets:
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, TORCH_RECORD), "w") as f:
+                f.write("# Written by setup.py when it compiled fused_resnet._C (not tracked): the torch it was compiled\n"
+                        "# against. fused_resnet.backends loads _C only when the running torch has this version.\n"
+                        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+                        f"TORCH_CUDA = {torch.version.cuda!r}\n")
+
+
+if __name__ == "__main__":  # pip, `python -m build` and `python setup.py` all run it as __main__
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    setup(
+        ext_modules=[_extension()],
+        install_requires=[torch_requirement(torch.__version__), "numpy"],
+        cmdclass={"build_ext": BuildExtensionRecordingTorch},
+    )

@@ -23,7 +23,7 @@ from .models import (FusedResNet, convert, convert_sync_batchnorm, resnet18, res
 from .nn import BatchNormAct2d
 from .ops import batch_norm_act, batch_norm_finalize, batch_norm_stats
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 if not backends.extension_loaded():
     warnings.warn(

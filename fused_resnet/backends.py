@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shlex
 
 import torch
 
@@ -25,19 +26,69 @@ BACKENDS = ("triton", "cuda", "cpu", "eager")
 # otherwise: both GPU paths are provisional until measured on the device.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")}
 
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the source tree (see README)"
-
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this machine or for these tensors."""
 
 
+def _source_root() -> str | None:
+    """The source checkout this package runs from (an editable install), or None (an installed wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return root
+    return None
+
+
+def rebuild_command() -> str:
+    """The command that compiles fused_resnet._C against the running torch. An installed wheel is rebuilt from
+    source: pip's cache would hand back the wheel built against the old torch, hence --no-cache-dir."""
+    root = _source_root()
+    if root is not None:
+        return f"cd {shlex.quote(root)} && pip install --no-build-isolation -e ."
+    return "pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps SOURCE"
+
+
+def _rebuild_hint() -> str:
+    hint = f"`{rebuild_command()}`"
+    if _source_root() is None:
+        hint += " (SOURCE: a fused_resnet source checkout or its sdist .tar.gz)"
+    return hint
+
+
+def _recorded_torch() -> str | None:
+    """The torch version fused_resnet._C was compiled against (fused_resnet/_torch_build.py, written by the
+    build beside _C), or None when the build left no record (a build older than the record)."""
+    try:
+        from ._torch_build import TORCH_VERSION
+    except ImportError:
+        return None
+    return str(TORCH_VERSION)
+
+
+def torch_mismatch(built: str | None, running: str) -> str | None:
+    """Why _C must not be loaded under this torch, or None. Releases are compared (the public version,
+    ``2.13.0`` of ``2.13.0+cpu``): a C++ extension binds to one release's C++ symbols and loading it under
+    another fails with an undefined symbol at best. Local labels (+cpu, +cu128) share the C++ API."""
+    if built is None or built.split("+", 1)[0] == str(running).split("+", 1)[0]:
+        return None
+    return (f"fused_resnet._C was compiled against torch {built} but torch {running} is installed (a compiled "
+            f"extension runs only with the torch it was built against); rebuild it: {_rebuild_hint()}")
+
+
 def _probe_extension() -> tuple[bool, str, bool]:
-    """(loaded, reason if not, has CUDA kernels)."""
+    """(loaded, reason if not, has CUDA kernels). _C is not loaded at all under another torch release."""
+    built = _recorded_torch()
+    mismatch = torch_mismatch(built, torch.__version__)
+    if mismatch is not None:
+        return False, mismatch, False
     try:
         importlib.import_module("fused_resnet._C")
     except ImportError as exc:
-        return False, f"the compiled extension fused_resnet._C is not available ({exc}); {BUILD_HINT}", False
+        versions = f", compiled against torch {built}, running torch {torch.__version__}" if built else ""
+        cause = ("an undefined symbol means it was compiled against another torch; "
+                 if "undefined symbol" in str(exc) else "")
+        return False, (f"the compiled extension fused_resnet._C is not available ({exc}{versions}); {cause}"
+                       f"(re)build it against this torch: {_rebuild_hint()}"), False
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet_C::bn_act", "CUDA")
     return True, "", has_cuda
 
@@ -159,6 +210,7 @@ def build_info() -> dict:
         "extension": _EXT_OK,
         "extension_error": _EXT_REASON or None,
         "extension_cuda_kernels": _EXT_HAS_CUDA,
+        "extension_built_with_torch": _recorded_torch(),
         "triton_installed": _TRITON_INSTALLED,
         "triton_interpret": TRITON_INTERPRET,
         "available": {d: available_backends(d) for d in ("cpu", "cuda")},

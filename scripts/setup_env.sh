@@ -4,7 +4,7 @@
 #     (an unpinned torch pulls the multi-GB CUDA build);
 #   - the other dependencies, only those missing;
 #   - fused_resnet._C, built without build isolation (the build must see the installed torch), and only
-#     when it is missing or older than its sources.
+#     when it is missing, older than its sources or compiled against another torch.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -18,12 +18,15 @@ fi
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
 wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "pybind11",
-          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel"}
+          "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "wheel": "wheel",
+          "build.__main__": "build"}
+# build: scripts/check_package.sh makes the sdist and the wheel with it (build.__main__, since the setuptools
+# output folder ./build would pass for a namespace package named build).
 missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
-# Without build isolation the build uses the installed setuptools; editable installs need >= 64.
+# Without build isolation the build uses the installed setuptools: pyproject.toml's SPDX license needs >= 77.
 import setuptools
-if int(setuptools.__version__.split(".")[0]) < 64:
-    missing.append("setuptools>=64")
+if int(setuptools.__version__.split(".")[0]) < 77:
+    missing.append("setuptools>=77")
 print(" ".join(missing))
 PY
 )
@@ -52,6 +55,16 @@ libs = glob.glob(os.path.join(root, "fused_resnet", "_C*.so"))
 sources = glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True) + [
     os.path.join(root, "setup.py"), os.path.join(root, "pyproject.toml")]
 stale = not libs or max(map(os.path.getmtime, sources)) > min(map(os.path.getmtime, libs))
+# _C runs only with the torch it was compiled against (recorded by the build beside it): rebuild after a torch
+# change, or when the build left no record.
+import ast, torch
+record = os.path.join(root, "fused_resnet", "_torch_build.py")
+try:
+    built = {t.id: ast.literal_eval(node.value) for node in ast.parse(open(record).read()).body
+             if isinstance(node, ast.Assign) for t in node.targets}.get("TORCH_VERSION")
+except (OSError, SyntaxError, ValueError):
+    built = None
+stale = stale or built != str(torch.__version__)
 # The package must also resolve to this checkout (an editable install of it), from any directory.
 where = subprocess.run([sys.executable, "-c", "import fused_resnet, os; print(os.path.dirname(fused_resnet.__file__))"],
                        capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONWARNINGS": "ignore"})
