@@ -31,7 +31,7 @@ def _doc(path, command):
     assert isinstance(doc["argv"], list) and doc["argv"][0] == command
     env = doc["environment"]
     for key in ("fused_resnet", "git_commit", "git_dirty", "torch", "cudnn", "triton_interpret", "python", "device",
-                "device_name", "torch_threads", "backends_available", "gpu_driver", "gpu_clocks_mhz"):
+                "device_name", "load_avg_1m", "torch_threads", "backends_available", "gpu_driver", "gpu_clocks_mhz"):
         assert key in env, key
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
     assert env["triton_interpret"] == (os.environ.get("TRITON_INTERPRET") == "1")

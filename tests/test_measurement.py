@@ -106,6 +106,17 @@ def test_environment_provenance():
     assert (commit is None and dirty is None) or (re.fullmatch(r"[0-9a-f]{40}", commit) and isinstance(dirty, bool))
 
 
+def test_busy_machine_warning(monkeypatch):
+    cores = __import__("os").cpu_count()
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
+    line = report.busy_machine_warning(torch.device("cpu"))
+    assert line.startswith("warning: the machine is busy") and f"{cores + 0.5:.1f} on {cores} cores" in line
+    assert report.environment(torch.device("cpu"))["load_avg_1m"] == cores + 0.5
+    assert report.busy_machine_warning(torch.device("cuda")) is None  # GPU kernels: the host's load is not it
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (cores / 4, 0.0, 0.0))
+    assert report.busy_machine_warning(torch.device("cpu")) is None
+
+
 def test_nvidia_smi_is_parsed_and_never_fails(monkeypatch):
     """The row of the GPU whose PCI bus id is the device's (nvidia-smi's order need not be CUDA's)."""
     from types import SimpleNamespace

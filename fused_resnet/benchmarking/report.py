@@ -108,12 +108,30 @@ def environment(device: torch.device) -> dict:
                cuda=torch.version.cuda, cudnn=_cudnn_version(), triton=triton_version,
                triton_interpret=triton_interpreted(), python=platform.python_version(), os=platform.platform(),
                device=str(device), device_name=device_name(device), cpu_count=os.cpu_count(),
-               torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
+               load_avg_1m=_load_average(), torch_threads=torch.get_num_threads(),
+               torch_interop_threads=torch.get_num_interop_threads(),
                backends_available=backends.available_backends(device), extension=info.get("extension"),
                gpu_driver=None, gpu_clocks_mhz=None)
     if device.type == "cuda":
         env.update(_nvidia_smi(device))
     return env
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes), where the OS reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_machine_warning(device: torch.device) -> str | None:
+    """A warning when CPU timings share the cores with other work (load average >= the number of cores)."""
+    load, cores = _load_average(), os.cpu_count() or 1
+    if device.type != "cpu" or load is None or load < cores:
+        return None
+    return (f"warning: the machine is busy (1-minute load average {load:.1f} on {cores} cores): CPU times include "
+            "waiting for other programs; compare figures from one run only, and read their spread")
 
 
 def device_name(device: torch.device) -> str:

@@ -20,7 +20,7 @@ from .. import backends
 from ..benchmarking import e2e, stats
 from ..models import BUILDERS
 from . import plots
-from ..benchmarking.report import INTERPRETER_BANNER, speedup_cell
+from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, speedup_cell
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
                      non_negative_int, positive_int, resolve_device, result_document)
 
@@ -126,6 +126,8 @@ def run(args) -> int:
               "ratio (range from the quartiles of both variants' steps)")
         for line in noise_warnings(results, device):
             print(line)
+        if busy := busy_machine_warning(device):
+            print(busy)
         if any(r["interpreted"] for r in results):
             print(INTERPRETER_BANNER)
         doc = result_document("bench", getattr(args, "argv", None), device, e2e.config_dict(cfg), results,

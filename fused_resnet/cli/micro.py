@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from ..benchmarking import micro
-from ..benchmarking.report import INTERPRETER_BANNER, dtype_name
+from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, dtype_name
 from ..benchmarking.timing import CPU_KERNEL_THREADS, copy_bandwidth, matmul_rate
 from . import plots
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, positive_int, resolve_device,
@@ -105,6 +105,8 @@ def run(args) -> int:
         print(micro.table(results, providers))
         for line in micro.noise_warnings(results):
             print(line)
+        if busy := busy_machine_warning(device):
+            print(busy)
         if interpreted:
             print(INTERPRETER_BANNER)
         config = dict(batch=cfg.batch, dtype=dtype, smoke=cfg.smoke, providers=providers, rounds=args.rounds,
