@@ -129,6 +129,7 @@ def test_memory(tmp_path, capsys):
     assert doc["stages"] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     eager, fused = doc["results"]
     assert (eager["variant"], fused["variant"]) == ("eager", "fused")
+    assert eager["backend"] is None and fused["backend"] == doc["config"]["backend"] == "cpu"
     assert set(eager["saved_mib"]) == set(doc["stages"])
     assert abs(sum(eager["saved_mib"].values()) - eager["saved_total_mib"]) < 1e-6
     assert all(eager["saved_mib"][s] > 0 for s in ("stem", "layer1", "layer2", "layer3", "layer4"))

@@ -62,7 +62,7 @@ def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: st
     counter = SavedTensorCounter(model)
     loss = counter.run(forward)
     del loss
-    result = dict(variant=variant, backend=backend, model_source=source,
+    result = dict(variant=variant, backend=None if variant == "eager" else backend, model_source=source,
                   saved_mib={s: counter.by_stage[s] / 2**20 for s in STAGES}, saved_total_mib=counter.total / 2**20,
                   peak_gib=None, stage_peak_gib=None, timeline_mib=None, timeline_stage_starts=None,
                   timeline_kind="saved bytes", allocator_snapshot=None)
