@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -17,7 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fused_resnet.benchmarking import micro  # noqa: E402
-from fused_resnet.benchmarking.timing import copy_bandwidth  # noqa: E402
+from fused_resnet.benchmarking.report import INTERPRETER_BANNER, dtype_name, result_document, write_json  # noqa: E402
+from fused_resnet.benchmarking.timing import CPU_KERNEL_THREADS, Ceiling, copy_bandwidth, round_time  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -35,7 +35,8 @@ def pytest_addoption(parser):
 class BenchEnv:
     cfg: micro.MicroConfig
     providers: list
-    copy_bytes_per_s: float
+    copy: Ceiling                 # the large copy: the device's copy bandwidth
+    roofs: micro.CopyRoofs        # the copy at each case's tensor size: each case's roof
     results: list = field(default_factory=list)
 
 
@@ -54,8 +55,13 @@ def bench_env(request) -> BenchEnv:
         providers = [p.strip() for p in request.config.getoption("--providers").split(",") if p.strip()]
         if smoke and not cuda:
             providers = [p.replace("cuda", "cpu") for p in providers]
-        bw = copy_bandwidth(cfg.device, nbytes=(1 << 22) if smoke else (1 << 30))
-        _ENV = BenchEnv(cfg, providers, bw)
+        if not cuda:
+            # As `fused-resnet micro` times CPU kernels (fused_resnet/benchmarking/timing.py): on a shared
+            # machine a multi-threaded region waits for the scheduler, which is not the kernel's time.
+            torch.set_num_threads(CPU_KERNEL_THREADS)
+        # The roofs are timed like the cases: pytest-benchmark's synchronised rounds of k calls.
+        bw = copy_bandwidth(cfg.device, nbytes=(1 << 22) if smoke else (1 << 30), timer=round_time)
+        _ENV = BenchEnv(cfg, providers, bw, micro.CopyRoofs(cfg, timer=round_time))
     return _ENV
 
 
@@ -64,19 +70,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     env = _ENV
     tr = terminalreporter
+    micro.add_speedups(env.results)
     name = torch.cuda.get_device_name(env.cfg.device) if env.cfg.device.type == "cuda" else "cpu"
+    interpreted = any(r["interpreted"] for r in env.results)
     tr.write_sep("=", "fused BatchNorm microbenchmarks")
-    tr.write_line(f"device {name} | torch {torch.__version__} | dtype {str(env.cfg.dtype).split('.')[-1]} | "
-                  f"batch {env.cfg.batch} | channels_last | copy bandwidth {env.copy_bytes_per_s / 1e9:.0f} GB/s "
+    if interpreted:
+        tr.write_line(INTERPRETER_BANNER)
+    tr.write_line(f"device {name} | torch {torch.__version__} | dtype {dtype_name(env.cfg.dtype)} | "
+                  f"batch {env.cfg.batch} | channels_last | copy bandwidth {env.copy.rate / 1e9:.1f} GB/s "
                   "(read + write)")
-    tr.write_line("GB/s = bytes the fused algorithm must move (each pass reads its inputs once, writes its "
-                  "outputs once) / median time; eager rows use the same byte count.")
-    for line in micro.table(env.results, env.providers):
+    tr.write_line("times: pytest-benchmark rounds of k calls, synchronised, divided by k; GB/s = bytes the fused "
+                  "algorithm must move (each pass reads its inputs once, writes its outputs once) / median time; "
+                  "eager rows use the same byte count; % of a copy of one of the case's tensors.")
+    for line in micro.table(env.results, env.providers).splitlines() + micro.noise_warnings(env.results):
         tr.write_line(line)
+    if interpreted:
+        tr.write_line(INTERPRETER_BANNER)
     path = config.getoption("--results-json")
     if path:
-        with open(path, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "batch": env.cfg.batch,
-                       "dtype": str(env.cfg.dtype), "copy_bytes_per_s": env.copy_bytes_per_s,
-                       "results": env.results}, f, indent=1)
+        cfg = dict(batch=env.cfg.batch, dtype=dtype_name(env.cfg.dtype), smoke=env.cfg.smoke,
+                   providers=env.providers, timer="pytest-benchmark (pedantic, synchronised rounds)",
+                   timer_threads=torch.get_num_threads() if env.cfg.device.type == "cpu" else None)
+        doc = result_document("bench_batch_norm", config.invocation_params.args, env.cfg.device, cfg, env.results,
+                              roof=dict(copy=env.copy.to_dict(), copy_by_size=env.roofs.to_list()))
+        write_json(path, doc)
         tr.write_line(f"results written to {path}")

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+from test_measurement import assert_tables_well_formed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,11 +19,21 @@ def test_microbenchmark_harness_smoke(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "fused BatchNorm microbenchmarks" in result.stdout
+    ours = result.stdout[result.stdout.index("fused BatchNorm microbenchmarks"):result.stdout.index("results written")]
+    assert assert_tables_well_formed(ours) == 1 and "speed-up vs eager" in ours
     data = json.loads(out.read_text())
+    interpreted = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    assert data["schema"] == "fused_resnet.bench_batch_norm/2" and "git_commit" in data["environment"]
     passes = {(r["provider"], r["direction"]) for r in data["results"]}
     assert ("eager", "fwd") in passes and ("eager", "bwd") in passes
-    assert all(r["us"] > 0 and r["gbps"] > 0 for r in data["results"])
-    assert data["copy_bytes_per_s"] > 0
+    for r in data["results"]:
+        t = r["time_us"]
+        assert len(t["samples"]) == t["n"] == 20 and t["min"] <= t["median"] <= t["max"]  # ROUNDS rounds
+        assert r["gb_per_s"] == pytest.approx(r["moved_bytes"] / t["median"] / 1e3)
+        # conftest sets TRITON_INTERPRET=1 off CUDA: every Triton row says it ran in the interpreter.
+        assert r["interpreted"] == (r["provider"] == "triton" and interpreted)
+    assert data["roof"]["copy"]["gb_per_s"] > 0 and data["interpreted"] is interpreted
+    assert ("MEASURED IN TRITON'S INTERPRETER" in result.stdout) is interpreted
 
 
 def test_end_to_end_benchmark_script_forwards_to_the_cli(tmp_path):
@@ -30,7 +44,7 @@ def test_end_to_end_benchmark_script_forwards_to_the_cli(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["variant"] for r in data["results"]] == ["eager", "fused"]
-    assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in data["results"])
+    assert all(r["train_img_per_s"] > 0 and r["infer_img_per_s"] > 0 for r in data["results"])
 
 
 def test_convolution_benchmark_harness_smoke(tmp_path):
@@ -42,8 +56,12 @@ def test_convolution_benchmark_harness_smoke(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     data = json.loads((tmp_path / "bench_conv.json").read_text())
-    cases = {(r["name"], r["provider"], r["direction"]) for r in data["rows"]}
+    assert data["schema"] == "fused_resnet.bench_conv/2" and data["config"]["dtype"] == "fp32"
+    cases = {(r["name"], r["provider"], r["direction"]) for r in data["results"]}
     assert {("layer1.0.conv2", p, d) for p in ("cudnn", "cudnn+bn", "fused") for d in ("fwd", "bwd")} <= cases
-    assert all(r["us"] > 0 and r["tflops"] > 0 for r in data["rows"])
+    assert all(r["time_us"]["median"] > 0 and r["tflop_per_s"] > 0 for r in data["results"])
+    interpreted = env["TRITON_INTERPRET"] == "1"
+    assert all(r["interpreted"] == (r["provider"] == "fused" and interpreted) for r in data["results"])
+    assert data["interpreted"] is interpreted and ("MEASURED IN TRITON'S INTERPRETER" in result.stdout) is interpreted
     assert set(data["winners"].values()) <= {"fused", "cudnn+bn"} and len(data["winners"]) == 2
-    assert "| shape |" in result.stdout
+    assert "| shape " in result.stdout and assert_tables_well_formed(result.stdout) == 1

@@ -11,20 +11,22 @@ bf16, channels_last), forward and backward, for three providers:
 
 The BatchNorm backward of the prologue (mask, reductions, dx) is the same for cudnn+bn and fused and is left
 out. FLOPs: 2 N Ho Wo K C_g R S forward, twice that backward; reported as TFLOP/s against the bf16 matmul rate
-measured in the same run. Timing: triton.testing.do_bench (CUDA events, L2 flushed between repetitions,
-median); on CPU torch.utils.benchmark, for the smoke run only.
+measured in the same run. Timing: timing.kernel_time, i.e. triton.testing.do_bench on CUDA (CUDA events, L2
+flushed before each call), torch.utils.benchmark on CPU (the smoke run only); each record carries the samples
+and their summary (median, quartiles, min).
 
     python benchmarks/bench_conv.py [--batch 256] [--out DIR] [--shapes layer1,stem] [--smoke]
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .. import dispatch
+from .report import dtype_name, format_table, triton_interpreted
+from .timing import kernel_time
 
 PROVIDERS = ("cudnn", "cudnn+bn", "fused")
 PASSES = ("fwd", "bwd")
@@ -83,19 +85,6 @@ def resnet50_conv_shapes(batch: int = 256, size: int = 224) -> list[ConvShape]:
     return out
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float]:
-    """(median, 25th, 75th percentile) seconds per call."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.25, 0.75])
-        return q[0] * 1e-3, q[1] * 1e-3, q[2] * 1e-3
-    from torch.utils import benchmark
-
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.05)
-    return m.median, m.median - m.iqr / 2, m.median + m.iqr / 2
-
-
 def _case_fns(shape: ConvShape, provider: str, device: torch.device, dtype: torch.dtype):
     """(forward, backward) zero-argument callables of one provider on one shape."""
     cl = dict(memory_format=torch.channels_last)
@@ -140,7 +129,10 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype) -> Opti
 
 
 def run(device: torch.device, dtype: torch.dtype, batch: int, size: int, providers: list[str],
-        name_filter: Optional[list[str]] = None, matmul_flops: Optional[float] = None, log=print) -> dict:
+        name_filter: Optional[list[str]] = None, matmul_flops: Optional[float] = None, log=print,
+        rounds: int = 8) -> dict:
+    """Every case, timed by kernel_time (``rounds`` 8: 40 ms of repetitions per case on CUDA, the budget the
+    GPU session's conv step is sized for)."""
     shapes = [s for s in resnet50_conv_shapes(batch, size)
               if not name_filter or any(f in s.name for f in name_filter)]
     rows, skipped = [], {}
@@ -154,55 +146,60 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, size: int, provide
                 continue
             fwd, bwd = _case_fns(shape, p, device, dtype)
             for direction, fn in (("fwd", fwd), ("bwd", bwd)):
-                med, lo, hi = _time(fn, device)
+                t = kernel_time(fn, device, rounds=rounds)
                 flops = shape.flops() * (2 if direction == "bwd" else 1)
-                row = dict(shape=shape.label(), name=shape.name, provider=p, direction=direction, us=med * 1e6,
-                           us_p25=lo * 1e6, us_p75=hi * 1e6, tflops=flops / med / 1e12, flops=flops,
-                           pct_matmul=(100 * flops / med / matmul_flops) if matmul_flops else None)
+                row = dict(shape=shape.label(), name=shape.name, provider=p, direction=direction,
+                           interpreted=p == "fused" and triton_interpreted(), time_us=t.scaled(1e6).to_dict(),
+                           flop=flops, tflop_per_s=flops / t.median / 1e12,
+                           of_matmul_pct=(100 * flops / t.median / matmul_flops) if matmul_flops else None)
                 rows.append(row)
-                log(f"{row['shape']:<44} {p:<9} {direction} {row['us']:9.1f} us {row['tflops']:7.1f} TFLOP/s")
-    return dict(rows=rows, skipped=skipped, winners=winners(rows))
+                log(f"{row['shape']:<44} {p:<9} {direction} {row['time_us']['median']:9.1f} us "
+                    f"(IQR {row['time_us']['iqr_pct']:.0f}%) {row['tflop_per_s']:7.1f} TFLOP/s")
+    return dict(results=rows, skipped=skipped, winners=winners(rows))
 
 
 def winners(rows: list[dict]) -> dict:
-    """Per shape, the provider with the smallest forward + backward time among cudnn+bn and fused (what the
-    per-shape choice decides between); cudnn alone is the lower bound of the unfused path."""
+    """Per shape, the provider with the smallest forward + backward median time among cudnn+bn and fused
+    (what the per-shape choice decides between); cudnn alone is the lower bound of the unfused path."""
     total: dict = {}
     for r in rows:
         if r["provider"] != "cudnn":
             total.setdefault(r["shape"], {}).setdefault(r["provider"], 0.0)
-            total[r["shape"]][r["provider"]] += r["us"]
+            total[r["shape"]][r["provider"]] += r["time_us"]["median"]
     return {shape: min(t, key=t.get) for shape, t in total.items() if t}
 
 
-def table(result: dict) -> list[str]:
-    rows = result["rows"]
+def table(result: dict) -> str:
+    rows = result["results"]
     index = {(r["shape"], r["provider"], r["direction"]): r for r in rows}
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    header = ["shape"] + [f"{p} {d} (us / TFLOP/s)" for p in providers for d in PASSES] + ["fused / cudnn+bn",
-                                                                                           "winner"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = (["shape"] + [f"{p} {d} us (IQR) / TFLOP/s" for p in providers for d in PASSES]
+              + ["speed-up of fused over cudnn+bn (fwd + bwd)", "winner"])
+    lines = []
     for s in shapes:
         cells = [s]
         for p in providers:
             for d in PASSES:
                 r = index.get((s, p, d))
-                cells.append(f"{r['us']:.0f} / {r['tflops']:.0f}" if r else "-")
+                cells.append(f"{r['time_us']['median']:.0f} ({r['time_us']['iqr_pct']:.0f}%) / "
+                             f"{r['tflop_per_s']:.1f}" if r else "-")
         f_, b_ = ([index.get((s, p, d)) for d in PASSES] for p in ("fused", "cudnn+bn"))
         if all(f_) and all(b_):
-            cells.append(f"{sum(r['us'] for r in b_) / sum(r['us'] for r in f_):.2f}x")
+            cells.append(f"{sum(r['time_us']['median'] for r in b_) / sum(r['time_us']['median'] for r in f_):.2f}x")
         else:
             cells.append("-")
         cells.append(result["winners"].get(s, "-"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        lines.append(cells)
+    return format_table(header, lines)
 
 
 def main(argv=None) -> int:
     import argparse
     import os
+    import sys
 
+    from .report import INTERPRETER_BANNER, result_document, write_json
     from .timing import matmul_rate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -220,15 +217,21 @@ def main(argv=None) -> int:
     size = args.size or (224 if cuda else 32)
     mm = matmul_rate(device) if cuda else None
     result = run(device, dtype, batch, size, [p.strip() for p in args.providers.split(",") if p.strip()],
-                 [s.strip() for s in args.shapes.split(",")] if args.shapes else None, mm)
-    result.update(device=torch.cuda.get_device_name(device) if cuda else "cpu", dtype=str(dtype), batch=batch,
-                  size=size, matmul_tflops=mm / 1e12 if mm else None, torch=torch.__version__,
-                  choices=[str(c) for c in dispatch.conv_choices().items()])
+                 [s.strip() for s in args.shapes.split(",")] if args.shapes else None, mm.rate if mm else None)
+    config = dict(batch=batch, size=size, dtype=dtype_name(dtype), smoke=args.smoke, providers=args.providers,
+                  shapes=args.shapes)
+    doc = result_document("bench_conv", sys.argv[1:] if argv is None else argv, device, config, result["results"],
+                          skipped=result["skipped"], winners=result["winners"],
+                          roof=dict(matmul=mm.to_dict() if mm else None),
+                          choices=[str(c) for c in dispatch.conv_choices().items()])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_conv.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print("\n".join(table(result)))
+    write_json(os.path.join(args.out, "bench_conv.json"), doc)
+    if doc["interpreted"]:
+        print(INTERPRETER_BANNER)
+    print(table(result))
     if result["skipped"]:
         print("skipped: " + "; ".join(f"{p}: {r}" for p, r in result["skipped"].items()))
+    if doc["interpreted"]:
+        print(INTERPRETER_BANNER)
     return 0
 

@@ -8,10 +8,11 @@ Variants:
   fused-compile    torch.compile of the fused model (automatic backend)
 
 Training step = forward + backward + SGD (momentum 0.9) on synthetic data under autocast; inference = eval
-mode under torch.inference_mode. Median over timed steps after warm-up (compilation happens in the warm-up),
-device-synchronised; peak memory from torch.cuda.max_memory_allocated over the timed training steps; saved
-activation bytes of one training forward from saved_tensors_hooks (eager-mode variants only: a compiled graph
-saves what AOTAutograd decides, outside the hooks' view).
+mode under torch.inference_mode. Every timed step is a sample (device-synchronised, after warm-up, in which
+compilation happens); a record carries the samples and their summary (median, quartiles, min: stats.py), and
+throughput is the batch over the median step time. Peak memory from torch.cuda.max_memory_allocated over the
+timed training steps; saved activation bytes of one training forward from saved_tensors_hooks (eager-mode
+variants only: a compiled graph saves what AOTAutograd decides, outside the hooks' view).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch import nn
 from .. import backends
 from ..models import BUILDERS, torchvision_reference
 from .memory import saved_activation_bytes
-from .timing import timed_steps
+from .report import dtype_name, triton_interpreted
+from .timing import step_times
 
 BASE_VARIANTS = ("eager", "compile", "fused", "fused-compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +40,7 @@ class E2EConfig:
     size: int = 224
     dtype: str = "bf16"            # autocast dtype ("fp32": no autocast)
     channels_last: bool = True
-    steps: int = 20                # timed steps (median)
+    steps: int = 20                # timed steps (one sample each)
     warmup: int = 5
     num_classes: int = 1000
     inference: bool = True         # also time eval-mode inference
@@ -117,27 +119,30 @@ def measure(variant: str, cfg: E2EConfig, device: torch.device, on_step: Callabl
         loss.backward()
         opt.step()
 
-    def infer():
+    def inference_step():
         with torch.inference_mode(), autocast(cfg, device):
             runner(x)
 
     model.train()
-    train_s, train_peak = timed_steps(train_step, device, cfg.steps, cfg.warmup, on_step)
+    train, train_peak = step_times(train_step, device, cfg.steps, cfg.warmup, on_step)
     saved = float("nan")
     if not variant.endswith("compile"):
         opt.zero_grad(set_to_none=True)
         with autocast(cfg, device):
             saved = saved_activation_bytes(model, lambda: model(x))
-    infer_s = float("nan")
+    infer = None
     if cfg.inference:
         model.eval()
-        infer_s, _ = timed_steps(infer, device, cfg.steps, cfg.warmup, on_step)
+        infer, _ = step_times(inference_step, device, cfg.steps, cfg.warmup, on_step)
     model = runner = opt = None  # free the device memory before the next variant (the closures share these cells)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(variant=variant, backend=backend, model_source=source, train_ms=train_s * 1e3,
-                train_img_s=cfg.batch / train_s, peak_gib=train_peak / 2**30, saved_mib=saved / 2**20,
-                infer_ms=infer_s * 1e3, infer_img_s=cfg.batch / infer_s if cfg.inference else float("nan"))
+    return dict(variant=variant, backend=backend, model_source=source,
+                interpreted=backend == "triton" and triton_interpreted(),
+                train_step_ms=train.scaled(1e3).to_dict(), train_img_per_s=cfg.batch / train.median,
+                infer_step_ms=infer.scaled(1e3).to_dict() if infer else None,
+                infer_img_per_s=cfg.batch / infer.median if infer else None,
+                peak_gib=train_peak / 2**30, saved_mib=saved / 2**20)
 
 
 def steps_per_variant(cfg: E2EConfig) -> int:
@@ -216,7 +221,7 @@ def first_step_parity(cfg: E2EConfig, device: torch.device, backend: str) -> dic
     grad_fused, grad_eager = (math.sqrt(sq[k] / max(sq["ref"], 1e-300)) for k in ("fused", "eager"))
     grad_bound = max(2 * grad_eager, GRAD_ALLOWANCE[cfg.dtype])
     grad_ok = math.isfinite(grad_fused) and grad_fused <= grad_bound
-    return dict(backend=backend, ok=bool(forward_ok and grad_ok), reference_dtype=str(ref_dtype).split(".")[-1],
+    return dict(backend=backend, ok=bool(forward_ok and grad_ok), reference_dtype=dtype_name(ref_dtype),
                 forward_ok=bool(forward_ok), forward_worst=worst["name"], forward_fused_err=worst["fused_err"],
                 forward_eager_err=worst["eager_err"], floor=floor, grad_ok=bool(grad_ok), grad_fused_err=grad_fused,
                 grad_eager_err=grad_eager, grad_bound=grad_bound)

@@ -5,6 +5,11 @@ CUDA caching allocator's allocation history where it exists.
 Saved-tensor bytes count distinct storages (a tensor saved twice, or views of one storage, count once) and
 exclude parameters and their autocast copies: the convolutions save their weights, which is not activation
 memory.
+
+Timelines record where each stage starts (the index of its first point), so that a chart can put eager and
+fused side by side by layer: the saved-bytes timeline knows the stage of each point; in the allocator's
+history, a stage's start is found by a marker allocation of a size no tensor of the model has (a few hundred
+KiB, allocated and freed at once by a hook as the stage starts; it shows as such in PyTorch's memory viewer).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+STEP_STAGES = (*STAGES, "backward")  # a whole training step: the forward's stages, then backward + update
 _STEM_CHILDREN = {"conv1", "bn1", "relu", "maxpool"}
 
 
@@ -51,6 +57,13 @@ class SavedTensorCounter:
             self.by_stage[self.stage] += storage.nbytes()
             self.timeline.append((self.stage, self.total))
         return t
+
+    def stage_starts(self) -> dict[str, int]:
+        """The index in ``timeline`` of each stage's first point (stages that saved nothing are absent)."""
+        starts: dict[str, int] = {}
+        for i, (stage, _) in enumerate(self.timeline):
+            starts.setdefault(stage, i)
+        return starts
 
     def run(self, forward: Callable[[], object]) -> object:
         """Run ``forward`` (a training forward of the model) while counting."""
@@ -106,22 +119,73 @@ def stage_peaks_cuda(model: nn.Module, step: Callable[[], object], device: torch
     return peaks
 
 
-def allocation_timeline_cuda(step: Callable[[], object], device: torch.device) -> list[int] | None:
-    """Bytes allocated after each allocation/free event of one ``step``, from the caching allocator's history
-    (``torch.cuda.memory._record_memory_history``); None where this torch does not have it."""
+# Marker allocation sizes: 512-byte multiples (the caching allocator's granularity, so the trace shows them
+# unrounded) by primes, about 0.5 MiB: no activation, weight or workspace of a ResNet has these sizes.
+_MARKER_PRIMES = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049)
+MARKER_SIZES = {stage: 512 * p for stage, p in zip(STEP_STAGES[1:], _MARKER_PRIMES)}
+
+
+def timeline_from_trace(events: list[dict], base: int, markers: dict[str, int]) -> tuple[list[int], dict[str, int]]:
+    """Bytes allocated after each alloc / free_completed event of an allocator trace, starting from ``base``,
+    without the marker allocations (``markers``: {stage: size}); and the index in that timeline at which
+    each marker was first allocated (the start of its stage; the first stage starts at 0)."""
+    by_size = {size: stage for stage, size in markers.items()}
+    allocated, timeline, starts = base, [], {STEP_STAGES[0]: 0}
+    for event in events:
+        action, size = event.get("action"), event.get("size", 0)
+        if size in by_size:
+            if action == "alloc":
+                starts.setdefault(by_size[size], len(timeline))
+            continue
+        if action == "alloc":
+            allocated += size
+        elif action == "free_completed":
+            allocated -= size
+        else:
+            continue
+        timeline.append(allocated)
+    return timeline, starts
+
+
+def _marker_hooks(model: nn.Module, device: torch.device) -> list:
+    """Hooks that allocate and free a marker as each stage after the stem starts (and as backward starts)."""
+    def mark(stage):
+        torch.empty(MARKER_SIZES[stage], dtype=torch.uint8, device=device)  # freed at once
+
+    seen, handles = set(), []
+    for child, stage in _stage_markers(model):
+        if stage not in seen:
+            seen.add(stage)
+            handles.append(child.register_forward_pre_hook(lambda *_, s=stage: mark(s)))
+    handles.append(model.register_forward_hook(lambda *_: mark("backward")))
+    return handles
+
+
+def allocation_timeline_cuda(model: nn.Module, step: Callable[[], object], device: torch.device,
+                             snapshot_path: str | None = None) -> tuple[list[int], dict[str, int]] | None:
+    """Bytes allocated after each allocation/free event of one ``step`` (a training step of ``model``), from
+    the caching allocator's history (``torch.cuda.memory._record_memory_history``), and where each of
+    STEP_STAGES starts in it; None where this torch does not have the history. With ``snapshot_path``, also
+    writes the allocator snapshot there (``torch.cuda.memory._dump_snapshot``: open it in PyTorch's memory
+    viewer, https://pytorch.org/memory_viz)."""
     memory = torch.cuda.memory
     if not hasattr(memory, "_record_memory_history") or not hasattr(memory, "_snapshot"):
         return None
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
+    handles = _marker_hooks(model, device)
     try:
         memory._record_memory_history(max_entries=1_000_000)
         step()
         torch.cuda.synchronize(device)
         snapshot = memory._snapshot()
+        if snapshot_path is not None:
+            memory._dump_snapshot(snapshot_path)
     except Exception:  # noqa: BLE001 - a private API: a missing feature must not fail the run
         return None
     finally:
+        for h in handles:
+            h.remove()
         try:
             memory._record_memory_history(enabled=None)
         except Exception:  # noqa: BLE001
@@ -129,13 +193,14 @@ def allocation_timeline_cuda(step: Callable[[], object], device: torch.device) -
     traces = snapshot.get("device_traces", [])
     index = device.index if device.index is not None else torch.cuda.current_device()
     events = traces[index] if index < len(traces) else []
-    allocated, timeline = base, []
-    for event in events:
-        if event.get("action") == "alloc":
-            allocated += event.get("size", 0)
-        elif event.get("action") == "free_completed":
-            allocated -= event.get("size", 0)
-        else:
-            continue
-        timeline.append(allocated)
-    return timeline
+    return timeline_from_trace(events, base, MARKER_SIZES)
+
+
+def downsample(series: list[float], starts: dict[str, int], n: int = 2000) -> tuple[list[float], dict[str, int]]:
+    """At most ``n`` points (the maximum of each bucket, so peaks survive), with the stage starts moved to
+    the buckets they fall in."""
+    if len(series) <= n:
+        return list(series), dict(starts)
+    step = len(series) / n
+    points = [max(series[int(i * step): int((i + 1) * step)] or [series[-1]]) for i in range(n)]
+    return points, {stage: min(int(i / step), n - 1) for stage, i in starts.items()}

@@ -7,6 +7,12 @@ so a median time becomes GB/s (against the copy bandwidth) and FLOP/s (for the r
 Bytes: each pass reads its inputs once and writes its outputs once (activation-sized tensors only; the
 per-channel vectors are noise). Eager and compile rows are charged the same bytes as the fused op they
 replace, so their GB/s is "useful" bandwidth and the ratio of two rows is their speed ratio.
+
+The roof of a case is the copy of one of its activation tensors (x -> y), timed by the same timer in the same
+run: a copy moves data at the rate this working-set size allows (in cache on a CPU at small batches, from
+DRAM on a GPU, whose timer flushes L2 before each call), and a BatchNorm pass streams the same tensors. A
+case is "above the roof" when even its slowest quartile beats the copy's fastest quartile: then the byte
+count or the roof is wrong, and the table and the chart say so.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from torch import nn
 
 from .. import backends, dispatch
 from ..nn import BatchNormAct2d
-from .timing import time_per_call
+from . import stats
+from .report import format_table, speedup_cell, triton_interpreted
+from .timing import Ceiling, copy_bandwidth, kernel_time
 
 # Every BatchNorm of torchvision's ResNet-50 (v1.5: stride on the 3x3 conv), as (name, C, H=W, epilogue);
 # epilogue: "relu" (bn1/bn2), "add_relu" (bn3 + identity), "none" (downsample BN). Repeated blocks share a row.
@@ -67,8 +75,9 @@ class Case:
     direction: str    # a PASSES or KERNELS entry
     provider: str
     fn: Callable[[], object]
-    nbytes: int
+    nbytes: int       # bytes the fused algorithm moves
     flops: int
+    tensor_bytes: int  # one activation tensor: the size of the copy that is this case's roof
 
 
 def default_config(device: torch.device, smoke: bool, batch: int | None = None) -> MicroConfig:
@@ -146,7 +155,7 @@ def module_case(cfg: MicroConfig, order: int, provider: str, direction: str) -> 
         flops = numel * (_FLOPS_PER_ELEMENT["reduce"] + _FLOPS_PER_ELEMENT["elemt"])
     else:
         raise ValueError(f"direction must be one of {PASSES}, got {direction!r}")
-    return Case(order, f"{name} {shape[1]}x{shape[2]}", direction, provider, fn, nbytes, flops)
+    return Case(order, f"{name} {shape[1]}x{shape[2]}", direction, provider, fn, nbytes, flops, act)
 
 
 def kernel_case(cfg: MicroConfig, order: int, provider: str, kernel: str) -> Case:
@@ -178,19 +187,49 @@ def kernel_case(cfg: MicroConfig, order: int, provider: str, kernel: str) -> Cas
     fn, passes = calls[kernel]
     numel = math.prod(shape)
     flops = numel * (_FLOPS_PER_ELEMENT[kernel] + (kernel == "act") * (has_res + relu))
-    return Case(order, f"{name} {c}x{shape[2]}", kernel, provider, fn, passes * numel * x.element_size(), flops)
+    act = numel * x.element_size()
+    return Case(order, f"{name} {c}x{shape[2]}", kernel, provider, fn, passes * act, flops, act)
 
 
-def result_row(case: Case, seconds: float, copy_bytes_per_s: float) -> dict:
-    """The JSON row of one measured case."""
+class CopyRoofs:
+    """The copy roof per tensor size, measured once per size in the run (see the module docstring)."""
+
+    def __init__(self, cfg: MicroConfig, rounds: int = 20, timer: Callable = kernel_time):
+        self.cfg, self.rounds, self.timer, self.by_size = cfg, rounds, timer, {}
+
+    def __call__(self, tensor_bytes: int) -> Ceiling:
+        if tensor_bytes not in self.by_size:
+            self.by_size[tensor_bytes] = copy_bandwidth(self.cfg.device, 2 * tensor_bytes, rounds=self.rounds,
+                                                        dtype=self.cfg.dtype, timer=self.timer)
+        return self.by_size[tensor_bytes]
+
+    def to_list(self) -> list[dict]:
+        return [c.to_dict() for _, c in sorted(self.by_size.items())]
+
+
+def result_row(case: Case, seconds: stats.Summary, roof: Ceiling) -> dict:
+    """The JSON record of one measured case (``seconds``: per call; ``roof``: the copy at its tensor size)."""
+    copy_fastest = roof.work / roof.time.q1 if roof.time.q1 > 0 else math.inf
     return dict(order=case.order, shape=case.shape, direction=case.direction, provider=case.provider,
-                us=seconds * 1e6, gbps=case.nbytes / seconds / 1e9,
-                pct_copy=100 * case.nbytes / seconds / copy_bytes_per_s, bytes=case.nbytes,
-                tflops=case.flops / seconds / 1e12, flops=case.flops)
+                interpreted=case.provider == "triton" and triton_interpreted(),
+                time_us=seconds.scaled(1e6).to_dict(), moved_bytes=case.nbytes, flop=case.flops,
+                gb_per_s=case.nbytes / seconds.median / 1e9, tflop_per_s=case.flops / seconds.median / 1e12,
+                copy_gb_per_s=roof.rate / 1e9, of_copy_pct=100 * case.nbytes / seconds.median / roof.rate,
+                above_roof=bool(case.nbytes / seconds.q3 > copy_fastest))
 
 
-def measure(case: Case, cfg: MicroConfig, copy_bytes_per_s: float, rounds: int = 20) -> dict:
-    return result_row(case, time_per_call(case.fn, cfg.device, rounds=rounds), copy_bytes_per_s)
+def measure(case: Case, cfg: MicroConfig, roofs: CopyRoofs, rounds: int = 20) -> dict:
+    return result_row(case, kernel_time(case.fn, cfg.device, rounds=rounds), roofs(case.tensor_bytes))
+
+
+def add_speedups(results: list[dict]) -> None:
+    """``speedup_vs_eager`` per record: eager's time over this one's at the same shape and pass, with the
+    quartile range (stats.ratio); None for eager and where eager was not measured."""
+    eager = {(r["shape"], r["direction"]): r for r in results if r["provider"] == "eager"}
+    for r in results:
+        base = eager.get((r["shape"], r["direction"]))
+        r["speedup_vs_eager"] = (stats.ratio(stats.from_dict(base["time_us"]), stats.from_dict(r["time_us"]))
+                                 if base and r is not base else None)
 
 
 def plan(cfg: MicroConfig, providers: list[str], shapes: list[int] | None = None, kernels: bool = True):
@@ -210,33 +249,36 @@ def plan(cfg: MicroConfig, providers: list[str], shapes: list[int] | None = None
     return items, skipped
 
 
-def table(results: list[dict], providers: list[str]) -> list[str]:
-    """Markdown table: a row per (shape, pass), per provider us | GB/s | % of copy, then speed-ups vs eager."""
-    providers = [p for p in providers if any(r["provider"] == p for r in results)]
+def table(results: list[dict], providers: list[str]) -> str:
+    """One row per measured case, ordered by shape, pass, provider: the median time with its spread, GB/s,
+    the percentage of the same-size copy's rate, and the speed-up over eager ATen."""
+    order = {p: i for i, p in enumerate(providers)}
     direction_order = {d: i for i, d in enumerate((*PASSES, *KERNELS))}
-    keys = sorted({(r["order"], direction_order.get(r["direction"], 9), r["shape"], r["direction"])
-                   for r in results})
-    index = {(r["shape"], r["direction"], r["provider"]): r for r in results}
-    has_eager = "eager" in providers
-    others = [p for p in providers if p != "eager"]
-    header = f"| {'shape':<26} | {'pass':<6} | " + " | ".join(f"{p + ' us':>10} | {'GB/s':>5} | {'%copy':>5}"
-                                                              for p in providers)
-    if has_eager:
-        header += " | " + " | ".join(f"{p + '/eager':>12}" for p in others)
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for _, _, shape, direction in keys:
-        cells = []
-        for p in providers:
-            r = index.get((shape, direction, p))
-            cells.append(f"{r['us']:>10.1f} | {r['gbps']:>5.0f} | {r['pct_copy']:>5.0f}" if r else
-                         f"{'-':>10} | {'-':>5} | {'-':>5}")
-        line = f"| {shape:<26} | {direction:<6} | " + " | ".join(cells)
-        if has_eager:
-            base = index.get((shape, direction, "eager"))
-            ratios = []
-            for p in others:
-                r = index.get((shape, direction, p))
-                ratios.append(f"{base['us'] / r['us']:>11.2f}x" if r and base else f"{'-':>12}")
-            line += " | " + " | ".join(ratios)
-        lines.append(line)
+    rows = []
+    for r in sorted(results, key=lambda r: (r["order"], direction_order.get(r["direction"], 9),
+                                            order.get(r["provider"], 99))):
+        t = r["time_us"]
+        pct = f"{r['of_copy_pct']:.0f}" + (" ABOVE ROOF" if r.get("above_roof") else "")
+        rows.append([r["shape"], r["direction"], r["provider"],
+                     f"{t['median']:,.1f} ({t['iqr_pct']:.0f}%, min {t['min']:,.1f})", r["gb_per_s"], pct,
+                     speedup_cell(r.get("speedup_vs_eager")) if r["provider"] != "eager" else "reference"])
+    return format_table(["shape", "pass", "provider", "time us: median (IQR, min)", "GB/s",
+                         "% of same-size copy", "speed-up vs eager"], rows)
+
+
+def noise_warnings(results: list[dict]) -> list[str]:
+    """One line per noisy case (IQR > 10% of the median) and per case above its roof."""
+    lines = []
+    noisy = [r for r in results if r["time_us"]["noisy"]]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["time_us"]["iqr_pct"])
+        lines.append(f"warning: {len(noisy)} of {len(results)} cases have noisy times (IQR > "
+                     f"{100 * stats.NOISY_REL_IQR:.0f}% of the median; worst {worst['shape']} {worst['direction']} "
+                     f"{worst['provider']}: {worst['time_us']['iqr_pct']:.0f}%). More --rounds, and fewer other "
+                     "programs running, narrow it.")
+    for r in results:
+        if r.get("above_roof"):
+            lines.append(f"warning: {r['shape']} {r['direction']} {r['provider']} runs above its copy roof "
+                         f"({r['gb_per_s']:.1f} GB/s vs a same-size copy at {r['copy_gb_per_s']:.1f} GB/s): "
+                         "its byte count over-charges it, or the copy is not the ceiling at this size")
     return lines

@@ -7,7 +7,8 @@
     check    parity check of this installation on this device, every available backend
 
 Each writes a JSON file (and a PNG chart where matplotlib is installed) into --out, only when it completes.
-User mistakes print one line and exit with code 2; a failed parity check exits with 1; Ctrl-C with 130.
+User mistakes print one line and exit with code 2; a failed parity check exits with 1; a `train` verdict
+that is INCONCLUSIVE (too few test images or steps for the check to mean anything) with 3; Ctrl-C with 130.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@
 Defaults: on CUDA the product's case (ResNet-50, batch 256, 224x224, bf16 autocast, channels_last, all
 variants); on CPU a small case that finishes in seconds (10 s measured on 2 cores: ResNet-18, batch 8,
 64x64, fp32, eager and fused; torch.compile of a ResNet takes minutes on a small CPU: ask with --variants).
+
+Every timed step is a sample. The table gives the median step time with its spread (the interquartile range
+as a percentage of the median, and the fastest step), throughput as batch / median, and speed-ups as the
+median ratio with a range from both variants' quartiles. A variant whose steps spread by more than 10% of
+the median is named in a warning; more --steps and a quieter machine narrow the spread.
 """
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ import argparse
 import torch
 
 from .. import backends
-from ..benchmarking import e2e
+from ..benchmarking import e2e, stats
 from ..models import BUILDERS
 from . import plots
+from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, speedup_cell
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
                      non_negative_int, positive_int, resolve_device, result_document)
 
@@ -102,17 +108,28 @@ def run(args) -> int:
             for v in variants:
                 bar.info = v
                 results.append(e2e.measure(v, cfg, device, on_step=bar.update))
+        add_speedups(results)
 
         title = (f"{cfg.arch}, batch {cfg.batch}, {cfg.size}x{cfg.size}, {cfg.dtype}, "
                  f"{'channels_last' if cfg.channels_last else 'contiguous'} | {_device_label(device)} | "
-                 f"torch {torch.__version__}")
-        print(f"\n{title} | median of {cfg.steps} steps after {cfg.warmup} warm-up")
+                 f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"\n{title} | {cfg.steps} timed steps after {cfg.warmup} warm-up")
+        if any(r["interpreted"] for r in results):
+            print(INTERPRETER_BANNER)
         for p in parity:
             print(f"parity (one training step, fused[{p['backend']}] vs eager vs {p['reference_dtype']} reference): "
                   f"{'OK' if p['ok'] else 'FAILED'} | forward worst {p['forward_worst']} "
                   f"{p['forward_fused_err']:.1e} (eager {p['forward_eager_err']:.1e}) | gradients "
                   f"{p['grad_fused_err']:.1e} (eager {p['grad_eager_err']:.1e}, bound {p['grad_bound']:.1e})")
         print(table(results))
+        print("step times: median (IQR as % of the median, min); img/s = batch / median step; speed-up: median "
+              "ratio (range from the quartiles of both variants' steps)")
+        for line in noise_warnings(results, device):
+            print(line)
+        if busy := busy_machine_warning(device):
+            print(busy)
+        if any(r["interpreted"] for r in results):
+            print(INTERPRETER_BANNER)
         doc = result_document("bench", getattr(args, "argv", None), device, e2e.config_dict(cfg), results,
                               parity=parity, variants=variants)
         writer.write_json("bench.json", doc)
@@ -125,15 +142,77 @@ def _device_label(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def add_speedups(results: list[dict]) -> None:
+    """Add to each record its speed-ups over eager (and over compile, where measured): the median step-time
+    ratio with the range from the quartiles (stats.ratio); None for the reference itself."""
+    by = {r["variant"]: r for r in results}
+    for r in results:
+        for ref in ("eager", "compile"):
+            for phase in ("train", "infer"):
+                key = f"{phase}_speedup_vs_{ref}"
+                if ref == "compile" and ref not in by:
+                    continue
+                mine, base = r.get(f"{phase}_step_ms"), by.get(ref, {}).get(f"{phase}_step_ms")
+                r[key] = (stats.ratio(stats.from_dict(base), stats.from_dict(mine))
+                          if mine and base and r["variant"] != ref else None)
+
+
+def noise_warnings(results: list[dict], device: torch.device) -> list[str]:
+    """Lines warning of noisy step times (one per variant) and of speed-ups whose quartile range contains 1."""
+    lines = []
+    remedy = "More --steps, and fewer other programs running, narrow it."
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        remedy += (f" On a shared CPU, OMP_NUM_THREADS=1 also helps: a parallel region on {torch.get_num_threads()} "
+                   "threads waits for its slowest thread's next time slice.")
+    for r in results:
+        parts = [(what, stats.from_dict(r[key]), "ms") for key, what in (("train_step_ms", "training step"),
+                                                                         ("infer_step_ms", "inference"))
+                 if r.get(key)]
+        w = stats.noise_warning(r["variant"], parts, remedy)
+        if w:
+            lines.append(w)
+    for r in results:
+        for phase in ("train", "infer"):
+            s = r.get(f"{phase}_speedup_vs_eager")
+            if s and not stats.ratio_is_decisive(s):
+                lines.append(f"note: {r['variant']}: the {'training' if phase == 'train' else 'inference'} "
+                             f"speed-up over eager, {speedup_cell(s)}, has a quartile range that contains 1.0: "
+                             "this run does not show which is faster")
+    return lines
+
+
 def table(results: list[dict]) -> str:
     by = {r["variant"]: r for r in results}
 
-    def ratio(r, key, ref):
-        return f"{r[key] / by[ref][key]:.2f}x" if ref in by and by[ref][key] == by[ref][key] else "-"
+    def step(t):
+        return "-" if not t else f"{t['median']:,.1f} ({t['iqr_pct']:.0f}%, min {t['min']:,.1f})"
 
-    rows = [[r["variant"], r["backend"] or "-", r["train_img_s"], r["train_ms"], r["peak_gib"], r["saved_mib"],
-             r["infer_img_s"], ratio(r, "train_img_s", "eager"), ratio(r, "train_img_s", "compile"),
-             ratio(r, "peak_gib", "eager") if r["peak_gib"] == r["peak_gib"] else ratio(r, "saved_mib", "eager")]
-            for r in results]
-    return format_table(["variant", "backend", "train img/s", "ms/step", "peak GiB", "saved MiB", "infer img/s",
-                         "train vs eager", "train vs compile", "memory vs eager"], rows)
+    def speedup(r, key, ref):
+        return "reference" if r["variant"] == ref else speedup_cell(r.get(key))
+
+    use_peak = any(r["peak_gib"] is not None and r["peak_gib"] == r["peak_gib"] for r in results)
+    mem_key = "peak_gib" if use_peak else "saved_mib"
+    has_compile = "compile" in by
+    has_infer = any(r["infer_step_ms"] for r in results)
+
+    def memory_ratio(r):
+        base, mine = by.get("eager", {}).get(mem_key), r.get(mem_key)
+        return f"{mine / base:.2f}x" if base and mine and mine == mine and base == base else "-"
+
+    header = ["variant", "backend", "train ms/step (IQR, min)", "train img/s", "train speed-up vs eager"]
+    if has_compile:
+        header.append("train speed-up vs compile")
+    if has_infer:
+        header += ["infer ms/step (IQR, min)", "infer img/s", "infer speed-up vs eager"]
+    header += (["peak GiB"] if use_peak else []) + ["saved MiB", f"{'peak' if use_peak else 'saved'} memory / eager"]
+    rows = []
+    for r in results:
+        row = [r["variant"], r["backend"] or "-", step(r["train_step_ms"]), r["train_img_per_s"],
+               speedup(r, "train_speedup_vs_eager", "eager")]
+        if has_compile:
+            row.append(speedup(r, "train_speedup_vs_compile", "compile"))
+        if has_infer:
+            row += [step(r["infer_step_ms"]), r["infer_img_per_s"], speedup(r, "infer_speedup_vs_eager", "eager")]
+        row += ([r["peak_gib"]] if use_peak else []) + [r["saved_mib"], memory_ratio(r)]
+        rows.append(row)
+    return format_table(header, rows)

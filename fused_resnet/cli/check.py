@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import backends
 from ..benchmarking.e2e import build_eager
+from ..benchmarking.report import dtype_name, triton_interpreted
 from ..models import BUILDERS
 from ..ops import batch_norm_act
 from .common import CLIError, Progress, ResultWriter, add_common_arguments, format_table, resolve_device, result_document
@@ -114,7 +115,7 @@ def check_op(backend: str, device: torch.device, dtype: torch.dtype, shape, with
             largest = (name, e_fused, e_eager)
     ok = not failures
     worst = failures[0] if failures else largest
-    return dict(kind="op", backend=backend, dtype=str(dtype).split(".")[-1], shape=list(shape),
+    return dict(kind="op", backend=backend, dtype=dtype_name(dtype), shape=list(shape),
                 residual=with_residual, relu=relu, training=training, channels_last=channels_last, ok=bool(ok),
                 worst=worst[0], fused_err=worst[1], eager_err=worst[2])
 
@@ -143,7 +144,7 @@ def check_model(backend: str, device: torch.device) -> dict:
     name, err = max(errors, key=lambda t: t[1] if t[1] == t[1] else float("inf"))
     tolerance = MODEL_TOLERANCE.get(backend, MODEL_TOLERANCE_DEFAULT)
     ok = all(e <= tolerance for _, e in errors)
-    return dict(kind="model", backend=backend, dtype="float64", shape=[4, 3, 64, 64], ok=bool(ok), worst=name,
+    return dict(kind="model", backend=backend, dtype="fp64", shape=[4, 3, 64, 64], ok=bool(ok), worst=name,
                 fused_err=err, eager_err=0.0, tolerance=tolerance)
 
 
@@ -167,7 +168,7 @@ def run(args) -> int:
                 try:
                     results.append(check_op(b, device, dt, shape, res, relu, training, cl))
                 except Exception as exc:  # noqa: BLE001 - a crash of a backend is a failed check, reported
-                    results.append(dict(kind="op", backend=b, dtype=str(dt).split(".")[-1], shape=list(shape),
+                    results.append(dict(kind="op", backend=b, dtype=dtype_name(dt), shape=list(shape),
                                         ok=False, worst=f"raised {type(exc).__name__}: {exc}", fused_err=None,
                                         eager_err=None))
                 bar.update(info=b)
@@ -176,10 +177,12 @@ def run(args) -> int:
                     try:
                         results.append(check_model(b, device))
                     except Exception as exc:  # noqa: BLE001
-                        results.append(dict(kind="model", backend=b, dtype="float64", ok=False,
+                        results.append(dict(kind="model", backend=b, dtype="fp64", ok=False,
                                             worst=f"raised {type(exc).__name__}: {exc}", fused_err=None,
                                             eager_err=None))
                     bar.update(info=f"model {b}")
+        for r in results:
+            r["interpreted"] = r["backend"] == "triton" and triton_interpreted()
         info = backends.build_info()
         print(f"\nfused_resnet check | device {device} | torch {torch.__version__} | extension: "
               f"{'loaded' if backends.extension_loaded() else 'NOT loaded'}")

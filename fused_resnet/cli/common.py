@@ -3,22 +3,19 @@ terminal table, and result files written whole or not at all."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from typing import Iterable
 
 import torch
 
-from .. import backends
+from ..benchmarking.report import (SCHEMA_VERSION, device_name, environment, format_table,  # noqa: F401
+                                   result_document)
 
-SCHEMA_VERSION = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -98,28 +95,6 @@ def check_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def environment(device: torch.device) -> dict:
-    """The run's provenance, recorded in every result file."""
-    info = backends.build_info()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - triton is optional on CPU
-        triton_version = None
-    from .. import __version__
-
-    return dict(fused_resnet=__version__, torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
-                python=platform.python_version(), device=str(device), device_name=device_name(device),
-                backends_available=backends.available_backends(device), extension=info.get("extension"))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Progress
 
@@ -170,27 +145,7 @@ class Progress:
 # Terminal table
 
 
-def format_table(header: list[str], rows: Iterable[list]) -> str:
-    """A Markdown table (readable on a terminal, pasteable into RESULTS.md)."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for r in cells:
-        lines.append("| " + " | ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)) + " |")
-    return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:.2f}"
-    return str(v)
-
-
-def _numeric(v: str) -> bool:
-    return v.replace(",", "").replace(".", "", 1).replace("x", "").replace("-", "").replace("e", "").isdigit()
+# format_table: the one table formatter, shared with benchmarks/ (imported above).
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,12 +224,3 @@ class ResultWriter:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def result_document(command: str, argv: list[str] | None, device: torch.device, config: dict,
-                    results, **extra) -> dict:
-    """The JSON every subcommand writes: schema tag, command line, time, environment, config, results."""
-    return dict(schema=f"fused_resnet.{command}/{SCHEMA_VERSION}", command=command,
-                argv=list(argv) if argv is not None else sys.argv[1:],
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                environment=environment(device), config=config, results=results, **extra)

@@ -1,21 +1,24 @@
 """``fused-resnet memory``: where a training step's memory goes, eager vs fused, per stage (stem, layer1..4,
 head): bytes saved for backward (saved_tensors_hooks, any device) and, on CUDA, the peak allocated during
 each stage's forward and during the backward + update (torch.cuda memory statistics), plus the allocation
-history of the caching allocator over one step. On CPU the timeline is the running total of saved bytes
-through the forward.
+history of the caching allocator over one step, also written as memory_snapshot_<variant>.pickle for
+PyTorch's memory viewer (https://pytorch.org/memory_viz). On CPU the timeline is the running total of saved
+bytes through the forward. The chart's timeline has one unit per stage, so eager and fused line up by layer.
 
 Defaults: CUDA ResNet-50, batch 256, 224x224, bf16; CPU ResNet-50, batch 4, 128x128, fp32.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch import nn
 
 from .. import backends
 from ..benchmarking import e2e
-from ..benchmarking.memory import STAGES, SavedTensorCounter, allocation_timeline_cuda, stage_peaks_cuda
+from ..benchmarking.memory import (STAGES, STEP_STAGES, SavedTensorCounter, allocation_timeline_cuda, downsample,
+                                   stage_peaks_cuda)
 from ..models import BUILDERS
 from . import plots
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
@@ -38,7 +41,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: str | None) -> dict:
+def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: str | None,
+             snapshot_path: str | None = None) -> dict:
     torch.manual_seed(0)
     name = "eager" if variant == "eager" else f"fused-{backend}"
     model, _, source, _ = e2e.build(name, cfg, device)
@@ -58,9 +62,10 @@ def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: st
     counter = SavedTensorCounter(model)
     loss = counter.run(forward)
     del loss
-    result = dict(variant=variant, backend=backend, model_source=source,
+    result = dict(variant=variant, backend=None if variant == "eager" else backend, model_source=source,
                   saved_mib={s: counter.by_stage[s] / 2**20 for s in STAGES}, saved_total_mib=counter.total / 2**20,
-                  peak_gib=None, stage_peak_gib=None, timeline_mib=None, timeline_kind="saved bytes")
+                  peak_gib=None, stage_peak_gib=None, timeline_mib=None, timeline_stage_starts=None,
+                  timeline_kind="saved bytes", allocator_snapshot=None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -69,23 +74,20 @@ def _measure(variant: str, cfg: e2e.E2EConfig, device: torch.device, backend: st
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         peaks = stage_peaks_cuda(model, step, device)
         result["stage_peak_gib"] = {k: v / 2**30 for k, v in peaks.items()}
-        timeline = allocation_timeline_cuda(step, device)
-        if timeline:
-            result["timeline_mib"] = _downsample([t / 2**20 for t in timeline], 2000)
-            result["timeline_kind"] = "allocated (caching allocator history)"
+        history = allocation_timeline_cuda(model, step, device, snapshot_path)
+        if history and history[0]:
+            series, starts = downsample([t / 2**20 for t in history[0]], history[1])
+            result.update(timeline_mib=series, timeline_stage_starts=starts,
+                          timeline_kind="allocated (caching allocator history)")
+            if snapshot_path:
+                result["allocator_snapshot"] = os.path.basename(snapshot_path)
     if result["timeline_mib"] is None:
-        result["timeline_mib"] = _downsample([total / 2**20 for _, total in counter.timeline], 2000)
+        series, starts = downsample([total / 2**20 for _, total in counter.timeline], counter.stage_starts())
+        result.update(timeline_mib=series, timeline_stage_starts=starts)
     model = opt = None  # free the device memory before the next variant (the closures share these cells)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
-
-
-def _downsample(series: list[float], n: int) -> list[float]:
-    if len(series) <= n:
-        return series
-    step = len(series) / n
-    return [max(series[int(i * step): int((i + 1) * step)] or [series[-1]]) for i in range(n)]
 
 
 def run(args) -> int:
@@ -108,7 +110,8 @@ def run(args) -> int:
         with Progress(2, "memory", enabled=not args.quiet) as bar:
             for variant in ("eager", "fused"):
                 bar.info = variant
-                results.append(_measure(variant, cfg, device, backend))
+                snapshot = writer.path(f"memory_snapshot_{variant}.pickle") if cuda else None
+                results.append(_measure(variant, cfg, device, backend, snapshot))
                 bar.update()
         eager, fused = results
         title = (f"{cfg.arch}, batch {cfg.batch}, {cfg.size}x{cfg.size}, {cfg.dtype}, "
@@ -124,7 +127,7 @@ def run(args) -> int:
                 key = "backward" if s == "total" else s
                 row += [eager["stage_peak_gib"].get(key, float("nan")), fused["stage_peak_gib"].get(key, float("nan"))]
             rows.append(row)
-        header = ["stage", "eager saved MiB", "fused saved MiB", "fused/eager"]
+        header = ["stage", "eager saved MiB", "fused saved MiB", "fused / eager saved"]
         if cuda:
             header += ["eager peak GiB", "fused peak GiB"]
         print(format_table(header, rows))
@@ -132,18 +135,25 @@ def run(args) -> int:
             print("(peak columns: peak allocated during that stage's forward; the 'total' row is the backward + "
                   f"update.) Whole step: eager {eager['peak_gib']:.2f} GiB, fused {fused['peak_gib']:.2f} GiB "
                   f"({fused['peak_gib'] / eager['peak_gib']:.2f}x)")
+        if cuda:
+            print("allocator snapshots: " + ", ".join(r["allocator_snapshot"] or f"none for {r['variant']}"
+                                                      for r in results)
+                  + " (open them in https://pytorch.org/memory_viz)")
+        else:
+            print("allocator snapshots: skipped (CUDA only: the CPU has no caching-allocator history)")
         print(f"saved activations, whole forward: fused {fused['saved_total_mib']:.1f} MiB vs eager "
               f"{eager['saved_total_mib']:.1f} MiB ({fused['saved_total_mib'] / eager['saved_total_mib']:.2f}x)")
         config = e2e.config_dict(cfg) | dict(backend=backend)
         for k in ("steps", "warmup", "inference"):
             config.pop(k)
+        timeline_stages = list(STEP_STAGES) if results[0]["timeline_kind"].startswith("allocated") else list(STAGES)
         writer.write_json("memory.json", result_document("memory", getattr(args, "argv", None), device, config,
-                                                         results, stages=list(STAGES)))
+                                                         results, stages=list(STAGES), timeline_stages=timeline_stages))
         writer.chart("memory.png", plots.memory_chart, [*STAGES, "backward"] if cuda else list(STAGES),
                      {r["variant"]: (r["stage_peak_gib"] if cuda else r["saved_mib"]) for r in results},
                      "peak allocated (GiB)" if cuda else "saved for backward (MiB)",
-                     {r["variant"]: r["timeline_mib"] for r in results}, f"MiB ({results[0]['timeline_kind']})",
-                     "progress through the training step (fraction of allocator events)" if cuda else
-                     "progress through the forward (fraction of saved tensors)", title)
+                     {r["variant"]: dict(series=r["timeline_mib"], stage_starts=r["timeline_stage_starts"])
+                      for r in results}, f"MiB ({results[0]['timeline_kind']})",
+                     timeline_stages, title)
         writer.finish()
     return 0

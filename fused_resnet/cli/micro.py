@@ -4,6 +4,12 @@ optionally torch.compile of eager) and each fused pass alone. Reported as GB/s a
 bandwidth and FLOP/s against the matmul rate, both measured in the same run (a roofline chart).
 
 Defaults: CUDA batch 256, bf16, providers triton,cuda,eager; CPU batch 8, fp32, providers cpu,eager.
+
+Timing: on CUDA triton.testing.do_bench (CUDA events, L2 flushed before each call; --rounds x 5 ms of
+repetitions), on CPU torch.utils.benchmark.Timer on one thread (--rounds blocks of >= 10 ms; on a shared
+machine a multi-threaded kernel waits for the scheduler, see fused_resnet/benchmarking/timing.py).
+Each case reports the median with its spread (IQR as % of the median, min); noisy cases are warned about.
+The roof of each case is a copy of one of its tensors, timed the same way in the same run.
 """
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ import argparse
 import torch
 
 from ..benchmarking import micro
-from ..benchmarking.timing import copy_bandwidth, matmul_rate
+from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, dtype_name
+from ..benchmarking.timing import CPU_KERNEL_THREADS, copy_bandwidth, matmul_rate
 from . import plots
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, positive_int, resolve_device,
                      result_document)
@@ -63,36 +70,53 @@ def run(args) -> int:
     if not items:
         raise CLIError("no provider can run here: " + "; ".join(f"{p}: {r}" for p, r in skipped.items()))
     with ResultWriter(args.out) as writer:
+        roofs = micro.CopyRoofs(cfg, rounds=args.rounds)
         with Progress(2 + len(items), "micro", enabled=not args.quiet) as bar:
             bar.info = "copy bandwidth"
-            bw = copy_bandwidth(device, nbytes=(1 << 22) if args.smoke else (1 << 30) if cuda else (1 << 26))
+            bw = copy_bandwidth(device, nbytes=(1 << 22) if args.smoke else (1 << 30) if cuda else (1 << 26),
+                                rounds=args.rounds)
             bar.update(info="matmul rate")
             mm_dtype = torch.bfloat16 if cuda else torch.float32
-            mm = matmul_rate(device, n=256 if args.smoke else 8192 if cuda else 1024, dtype=mm_dtype)
+            mm = matmul_rate(device, n=256 if args.smoke else 8192 if cuda else 1024, dtype=mm_dtype,
+                             rounds=args.rounds)
             bar.update()
             results = []
             for build, order, provider, direction in items:
                 case = build(cfg, order, provider, direction)
                 bar.info = f"{case.shape} {direction} {provider}"
-                results.append(micro.measure(case, cfg, bw, rounds=args.rounds))
+                results.append(micro.measure(case, cfg, roofs, rounds=args.rounds))
                 del case
                 bar.update()
-        dtype = str(cfg.dtype).split(".")[-1]
+        micro.add_speedups(results)
+        dtype = dtype_name(cfg.dtype)
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        title = (f"BN family at ResNet-50 shapes, batch {cfg.batch}, {dtype}, channels_last | {name} | "
-                 f"copy {bw / 1e9:,.0f} GB/s, matmul {mm / 1e12:.1f} TFLOP/s ({str(mm_dtype).split('.')[-1]})")
+        timer = "do_bench" if cuda else f"timed on {CPU_KERNEL_THREADS} thread"
+        title = (f"BN family at ResNet-50 shapes, batch {cfg.batch}, {dtype}, channels_last | {name}, {timer} | "
+                 f"copy {bw.rate / 1e9:,.1f} GB/s ({bw.detail['tensor_bytes'] / 2**20:.0f} MiB), "
+                 f"matmul {mm.rate / 1e12:.2f} TFLOP/s ({dtype_name(mm_dtype)})")
         print("\n" + title)
+        interpreted = any(r["interpreted"] for r in results)
+        if interpreted:
+            print(INTERPRETER_BANNER)
         for p, reason in skipped.items():
             print(f"skipped {p}: {reason}")
         print("GB/s = bytes the fused algorithm must move / median time; eager and compile rows are charged the "
-              "same bytes.")
-        print("\n".join(micro.table(results, providers)))
+              "same bytes. % of same-size copy: against a copy of one of the case's tensors, timed the same way.")
+        print(micro.table(results, providers))
+        for line in micro.noise_warnings(results):
+            print(line)
+        if busy := busy_machine_warning(device):
+            print(busy)
+        if interpreted:
+            print(INTERPRETER_BANNER)
         config = dict(batch=cfg.batch, dtype=dtype, smoke=cfg.smoke, providers=providers, rounds=args.rounds,
+                      timer="triton.testing.do_bench" if cuda else "torch.utils.benchmark.Timer",
+                      timer_threads=None if cuda else CPU_KERNEL_THREADS,
                       shapes=[micro.RESNET50_BN_SHAPES[o][0] for o in _shapes(args.shapes)])
         doc = result_document("micro", getattr(args, "argv", None), device, config, results,
-                              copy_bytes_per_s=bw, matmul_flops_per_s=mm, matmul_dtype=str(mm_dtype).split(".")[-1],
+                              roof=dict(copy=bw.to_dict(), matmul=mm.to_dict(), copy_by_size=roofs.to_list()),
                               skipped=skipped)
         writer.write_json("micro.json", doc)
-        writer.chart("micro.png", plots.roofline_chart, results, bw, mm, title.replace(" | ", "\n", 1))
+        writer.chart("micro.png", plots.roofline_chart, results, doc["roof"], title.replace(" | ", "\n", 1))
         writer.finish()
     return 0

@@ -7,11 +7,18 @@ Default data: scikit-learn's handwritten digits (shipped inside the package, no 
 loaded whole into memory. Checkpoints are plain state_dicts with torchvision's keys:
 torchvision.models.resnet18(num_classes=K).load_state_dict(torch.load("checkpoint_fused.pt")) works.
 
-Verdict (both must hold):
-  final test accuracy: |fused - eager| <= 3 x the standard error of a difference of two accuracies on this
+Verdict, from two comparisons:
+  final test accuracy: allowed difference = 3 x the standard error of a difference of two accuracies on this
       test set, sqrt(2 p (1 - p) / n), plus one image;
-  last-epoch training loss: |mean fused - mean eager| <= 3 x the standard error of that difference (from the
-      spread of the per-step losses) + 2% of the mean.
+  last-epoch training loss: allowed difference = 3 x the standard error of that difference (from the spread
+      of the per-step losses) + 2% of the mean.
+A comparison whose difference exceeds its allowance disagrees. One that stays within it agrees only if the
+allowance is narrow enough to mean something: at most 10 accuracy points (the message says how many test
+images would get there), and at least 5 training steps in the last epoch for the loss's spread. Otherwise
+it is inconclusive.
+  AGREE         both comparisons agree                                        exit code 0
+  DISAGREE      either comparison disagrees                                   exit code 1
+  INCONCLUSIVE  neither disagrees, but one is inconclusive (too little data)  exit code 3
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from torch import nn
 
 from .. import backends
 from ..benchmarking import e2e
+from ..benchmarking.report import triton_interpreted
 from ..models import BUILDERS
 from . import plots
 from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
@@ -61,7 +69,7 @@ def _train(name, model, data, args, device, dtype, bar) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
     order_gen = torch.Generator().manual_seed(args.seed)  # the same batches in the same order for both models
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    history = dict(train_loss=[], test_loss=[], test_acc=[], epoch_seconds=[])
+    history = dict(train_loss=[], test_loss=[], test_acc=[], epoch_s=[])
     for epoch in range(args.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -82,7 +90,7 @@ def _train(name, model, data, args, device, dtype, bar) -> dict:
                                "try a lower --lr")
             history["train_loss"].append(value)
             bar.update(info=f"{name} epoch {epoch + 1}/{args.epochs} loss {value:.3f}")
-        history["epoch_seconds"].append(time.perf_counter() - t0)
+        history["epoch_s"].append(time.perf_counter() - t0)
         test_loss, test_acc = _evaluate(model, x_test, y_test, args.batch, device, autocast)
         history["test_loss"].append(test_loss)
         history["test_acc"].append(test_acc)
@@ -103,20 +111,69 @@ def _evaluate(model, x, y, batch, device, autocast) -> tuple[float, float]:
     return total_loss / len(y), correct / len(y)
 
 
+# An accuracy allowance wider than this says nothing: 10 points is the difference between a model that works
+# and one that is subtly broken (a wrong BatchNorm statistic costs a few points).
+MAX_ACC_BOUND = 0.10
+# Fewer per-step losses than this give no usable estimate of their spread (with one, it is zero).
+MIN_LOSS_STEPS = 5
+EXIT_CODES = {"AGREE": 0, "DISAGREE": 1, "INCONCLUSIVE": 3}
+
+
+def accuracy_bound(p: float, n: int) -> float:
+    """The allowed difference of two accuracies near ``p`` on ``n`` test images (module docstring)."""
+    p = min(max(p, 1 / n), 1 - 1 / n)
+    return 3 * math.sqrt(2 * p * (1 - p) / n) + 1 / n
+
+
+def images_needed(p: float, limit: float = MAX_ACC_BOUND) -> int:
+    """The fewest test images for which ``accuracy_bound(p, n) <= limit`` (the bound shrinks with n)."""
+    hi = 2
+    while accuracy_bound(p, hi) > limit:
+        hi *= 2
+    lo = hi // 2
+    while lo + 1 < hi:  # accuracy_bound(p, lo) > limit >= accuracy_bound(p, hi)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if accuracy_bound(p, mid) <= limit else (mid, hi)
+    return hi
+
+
 def verdict(eager: dict, fused: dict, n_test: int, steps_per_epoch: int) -> dict:
-    """Do the two runs agree within noise? (The rule is in the module docstring.)"""
+    """AGREE, DISAGREE or INCONCLUSIVE, with each comparison's figures (the rule is in the module docstring)."""
     acc_e, acc_f = eager["test_acc"][-1], fused["test_acc"][-1]
-    p = min(max((acc_e + acc_f) / 2, 1 / n_test), 1 - 1 / n_test)
-    acc_bound = 3 * math.sqrt(2 * p * (1 - p) / n_test) + 1 / n_test
+    p = (acc_e + acc_f) / 2
+    acc_bound = accuracy_bound(p, n_test)
+    acc_diff = abs(acc_f - acc_e)
+    needed, needed_worst = images_needed(p), images_needed(0.5)
+    acc_status = ("DISAGREE" if acc_diff > acc_bound else "AGREE" if acc_bound <= MAX_ACC_BOUND
+                  else "INCONCLUSIVE")
+
     last_e, last_f = eager["train_loss"][-steps_per_epoch:], fused["train_loss"][-steps_per_epoch:]
     mean_e, mean_f = statistics.fmean(last_e), statistics.fmean(last_f)
     spread = math.sqrt(sum(statistics.pvariance(v) / len(v) for v in (last_e, last_f)))
     loss_bound = 3 * spread + 0.02 * (mean_e + mean_f) / 2
-    acc_ok = abs(acc_f - acc_e) <= acc_bound
-    loss_ok = abs(mean_f - mean_e) <= loss_bound
-    return dict(ok=bool(acc_ok and loss_ok), final_test_acc=dict(eager=acc_e, fused=acc_f, bound=acc_bound,
-                                                                  ok=bool(acc_ok)),
-                last_epoch_train_loss=dict(eager=mean_e, fused=mean_f, bound=loss_bound, ok=bool(loss_ok)))
+    loss_diff = abs(mean_f - mean_e)
+    loss_status = ("INCONCLUSIVE" if steps_per_epoch < MIN_LOSS_STEPS else
+                   "DISAGREE" if loss_diff > loss_bound else "AGREE")
+
+    statuses = (acc_status, loss_status)
+    status = "DISAGREE" if "DISAGREE" in statuses else "INCONCLUSIVE" if "INCONCLUSIVE" in statuses else "AGREE"
+    reasons = []
+    if acc_status == "INCONCLUSIVE":
+        reasons.append(f"the test set has {n_test} images: the allowed accuracy difference is "
+                       f"{100 * acc_bound:.1f} points, wider than the {100 * MAX_ACC_BOUND:.0f} points that would "
+                       f"mean something; about {needed} test images would bring it there at this accuracy "
+                       f"({100 * p:.0f}%), {needed_worst} at 50% (the worst case)")
+    if loss_status == "INCONCLUSIVE":
+        reasons.append(f"the last epoch has {steps_per_epoch} training step(s), fewer than the {MIN_LOSS_STEPS} "
+                       "the loss comparison needs (more training images or a smaller --batch)")
+    return dict(status=status, ok=status == "AGREE", exit_code=EXIT_CODES[status], reasons=reasons,
+                final_test_acc=dict(eager=acc_e, fused=acc_f, difference=acc_diff, bound=acc_bound,
+                                    max_meaningful_bound=MAX_ACC_BOUND, test_images=n_test,
+                                    test_images_needed=needed, test_images_needed_worst_case=needed_worst,
+                                    status=acc_status, ok=acc_status == "AGREE"),
+                last_epoch_train_loss=dict(eager=mean_e, fused=mean_f, difference=loss_diff, bound=loss_bound,
+                                           steps=steps_per_epoch, min_steps=MIN_LOSS_STEPS, status=loss_status,
+                                           ok=loss_status == "AGREE"))
 
 
 def run(args) -> int:
@@ -164,15 +221,17 @@ def run(args) -> int:
         print("\n" + title)
         rows = [[e + 1, histories["eager"]["test_loss"][e], histories["fused"]["test_loss"][e],
                  100 * histories["eager"]["test_acc"][e], 100 * histories["fused"]["test_acc"][e],
-                 histories["eager"]["epoch_seconds"][e], histories["fused"]["epoch_seconds"][e]]
+                 histories["eager"]["epoch_s"][e], histories["fused"]["epoch_s"][e]]
                 for e in range(args.epochs)]
-        print(format_table(["epoch", "eager test loss", "fused test loss", "eager acc %", "fused acc %",
-                            "eager s", "fused s"], rows))
+        print(format_table(["epoch", "eager test loss", "fused test loss", "eager test acc %", "fused test acc %",
+                            "eager epoch s", "fused epoch s"], rows))
         acc, loss = v["final_test_acc"], v["last_epoch_train_loss"]
-        print(f"parity verdict: {'AGREE' if v['ok'] else 'DISAGREE'} | final test accuracy eager "
-              f"{100 * acc['eager']:.2f}% vs fused {100 * acc['fused']:.2f}% (allowed difference "
-              f"{100 * acc['bound']:.2f} points) | last-epoch train loss eager {loss['eager']:.4f} vs fused "
-              f"{loss['fused']:.4f} (allowed {loss['bound']:.4f})")
+        print(f"parity verdict: {v['status']} | final test accuracy eager {100 * acc['eager']:.2f}% vs fused "
+              f"{100 * acc['fused']:.2f}% (allowed difference {100 * acc['bound']:.2f} points: {acc['status']}) | "
+              f"last-epoch train loss eager {loss['eager']:.4f} vs fused {loss['fused']:.4f} (allowed "
+              f"{loss['bound']:.4f} over {loss['steps']} steps: {loss['status']})")
+        for reason in v["reasons"]:
+            print(f"inconclusive: {reason}")
 
         torch.save(fused.state_dict(), writer.path("checkpoint_fused.pt"))
         torch.save(eager.state_dict(), writer.path("checkpoint_eager.pt"))
@@ -181,10 +240,13 @@ def run(args) -> int:
                       limit=args.limit, eager_model_source=source)
         dataset_info = dict(name=dataset.name, classes=dataset.classes, train_images=len(y_train),
                             test_images=len(y_test))
+        records = [dict(variant=name, backend=None if name == "eager" else backend,
+                        interpreted=name != "eager" and backend == "triton" and triton_interpreted(), **h)
+                   for name, h in histories.items()]
         writer.write_json("train.json", result_document(
-            "train", getattr(args, "argv", None), device, config, histories, dataset=dataset_info, verdict=v,
+            "train", getattr(args, "argv", None), device, config, records, dataset=dataset_info, verdict=v,
             checkpoints=dict(fused="checkpoint_fused.pt", eager="checkpoint_eager.pt")))
         writer.chart("train.png", plots.training_chart, histories,
-                     title.replace(" | ", "\n", 1) + f" | verdict: {'agree' if v['ok'] else 'DISAGREE'}")
+                     title.replace(" | ", "\n", 1) + f" | verdict: {v['status']}")
         writer.finish()
-    return 0 if v["ok"] else 1
+    return v["exit_code"]
