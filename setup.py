@@ -15,6 +15,7 @@ _C, which fused_resnet.backends compares with the running torch before loading _
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -23,7 +24,11 @@ from setuptools import setup
 
 # pyproject.toml's SPDX `license = "BSD-3-Clause"` needs setuptools 77; an isolated build gets it from
 # [build-system], a build without isolation (the one that works, see below) uses the installed setuptools.
-if int(setuptools.__version__.split(".")[0]) < 77:
+# (scripts/gpu_session.sh, on a machine with an older setuptools and no registry, rewrites its copy of
+# pyproject.toml to the pre-SPDX `license = { text = ... }` table, which older setuptools read.)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml")) as _f:
+    _SPDX_LICENSE = re.search(r'^license\s*=\s*"', _f.read(), re.M) is not None
+if _SPDX_LICENSE and int(setuptools.__version__.split(".")[0]) < 77:
     sys.exit(f"fused_resnet: the build needs setuptools>=77 (installed: {setuptools.__version__}): "
              "pip install 'setuptools>=77'")
 

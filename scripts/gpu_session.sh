@@ -41,7 +41,14 @@ for step in "${steps[@]}"; do
     build)
       { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
         "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
-        nvcc --version | tail -n 1; } | tee "$OUT/versions.txt"
+        nvcc --version | tail -n 1
+        "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)"; } | tee "$OUT/versions.txt"
+      # pyproject.toml's SPDX license string needs setuptools >= 77 and this machine has no registry: with an
+      # older one, this copy of the tree declares the same license in the older table form.
+      if ! "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+        sed -i -e 's/^license = "BSD-3-Clause"/license = { text = "BSD-3-Clause" }/' -e '/^license-files/d' pyproject.toml
+        echo "setuptools < 77: pyproject.toml's license rewritten to the table form for this build" | tee -a "$OUT/versions.txt"
+      fi
       FUSED_RESNET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e . \
         || { echo "BUILD FAILED"; grep -n "error" "$OUT/build.log" | head -40; exit 1; }
