@@ -83,8 +83,11 @@ def test_bench(tmp_path, capsys):
         if r["variant"] == "eager":
             assert s is None
         else:
-            eager = doc["results"][0]["train_step_ms"]
-            assert s["median"] == pytest.approx(eager["median"] / r["train_step_ms"]["median"])
+            # interleaved rounds: the speed-up is the median of the per-round ratios eager step / this step
+            assert r["interleaved"] and s["paired_rounds"] == 2
+            eager = doc["results"][0]["train_step_ms"]["samples"]
+            per_round = sorted(e / m for e, m in zip(eager, r["train_step_ms"]["samples"]))
+            assert s["median"] == pytest.approx(sum(per_round) / 2)
             assert s["low"] <= s["median"] <= s["high"]
     fused_saved = {r["variant"]: r["saved_mib"] for r in doc["results"]}
     assert fused_saved["fused-cpu"] < fused_saved["eager"]
@@ -292,22 +295,24 @@ def test_unreadable_image_is_a_user_error(tmp_path, capsys):
 
 
 def test_ctrl_c_leaves_no_result_files(tmp_path, capsys, monkeypatch):
-    """Interrupted after the first variant: exit code 130, the earlier results untouched, nothing staged left."""
+    """Interrupted mid-measurement (the second variant's first step): exit code 130, the earlier results
+    untouched, nothing staged left."""
     from fused_resnet.benchmarking import e2e
 
     (tmp_path / "bench.json").write_text('{"earlier": "run"}')
-    real, calls = e2e.measure, []
+    real, calls = e2e._Variant.train_step, []
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
+    def interrupted(self):
+        calls.append(self.variant)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(e2e, "measure", interrupted)
+    monkeypatch.setattr(e2e._Variant, "train_step", interrupted)
     rc = main(["bench", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "0",
                "--no-parity", "--out", str(tmp_path), "--quiet"])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert calls == ["eager", "fused"]
     assert sorted(os.listdir(tmp_path)) == ["bench.json"]
     assert json.loads((tmp_path / "bench.json").read_text()) == {"earlier": "run"}
 

@@ -310,3 +310,24 @@ def test_downsample_moves_the_stage_starts_with_the_points():
     series = [float(i) for i in range(100)]
     points, starts = memory.downsample(series, {"stem": 0, "layer1": 50, "head": 99}, n=10)
     assert len(points) == 10 and points[0] == 9.0 and starts == {"stem": 0, "layer1": 5, "head": 9}
+
+
+def test_interleaved_rounds_rotate_and_pair_the_samples():
+    """e2e's interleaving: every round runs each variant once, the first one rotates, and sample k of every
+    variant comes from round k, so a speed-up taken per round cancels a load change between rounds."""
+    from fused_resnet.benchmarking import e2e
+
+    order = []
+    fns = [lambda i=i: order.append(i) for i in range(3)]
+    times, peaks = e2e._interleaved(fns, torch.device("cpu"), steps=4, warmup=1, resident=[lambda: 0] * 3,
+                                    on_step=None)
+    assert order[:3] == [0, 1, 2]  # warm-up round
+    rounds = [order[3 + 3 * k: 6 + 3 * k] for k in range(4)]
+    assert [r[0] for r in rounds] == [0, 1, 2, 0] and all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert [len(t) for t in times] == [4, 4, 4] and all(math.isnan(p) for p in peaks)
+    # a machine getting 2x slower every round: both variants' samples drift alike, the per-round ratio does not
+    base, mine = [1.0, 2.0, 4.0, 8.0], [0.5, 1.0, 2.0, 4.0]
+    paired = stats.paired_ratio(base, mine)
+    assert paired["median"] == paired["low"] == paired["high"] == 2.0 and paired["paired_rounds"] == 4
+    unpaired = stats.ratio(stats.summarize(base), stats.summarize(mine))
+    assert unpaired["low"] < 1.0 < unpaired["high"]  # what separate summaries would have said: undecided

@@ -8,15 +8,18 @@ Variants:
   fused-compile    torch.compile of the fused model (automatic backend)
 
 Training step = forward + backward + SGD (momentum 0.9) on synthetic data under autocast; inference = eval
-mode under torch.inference_mode. Every timed step is a sample (device-synchronised, after warm-up, in which
+mode under torch.inference_mode. The variants run interleaved, one step of each per round, so that the rounds
+pair their samples (measure_all). Every timed step is a sample (device-synchronised, after warm-up, in which
 compilation happens); a record carries the samples and their summary (median, quartiles, min: stats.py), and
-throughput is the batch over the median step time. Peak memory from torch.cuda.max_memory_allocated over the
-timed training steps; saved activation bytes of one training forward from saved_tensors_hooks (eager-mode
-variants only: a compiled graph saves what AOTAutograd decides, outside the hooks' view).
+throughput is the batch over the median step time. Peak memory (CUDA): a variant's resident bytes plus the
+largest rise of torch.cuda.memory_allocated during one of its timed training steps; saved activation bytes of
+one training forward from saved_tensors_hooks (eager-mode variants only: a compiled graph saves what
+AOTAutograd decides, outside the hooks' view).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -27,7 +30,8 @@ from .. import backends
 from ..models import BUILDERS, torchvision_reference
 from .memory import saved_activation_bytes
 from .report import dtype_name, triton_interpreted
-from .timing import step_times
+from .stats import summarize
+from .timing import synchronize
 
 BASE_VARIANTS = ("eager", "compile", "fused", "fused-compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,44 +109,110 @@ def autocast(cfg: E2EConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def measure(variant: str, cfg: E2EConfig, device: torch.device, on_step: Callable[[], None] | None = None) -> dict:
-    """One variant: training-step and inference throughput, peak memory, saved activation bytes."""
-    torch.manual_seed(0)
-    model, runner, source, backend = build(variant, cfg, device)
-    x, target = make_inputs(cfg, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+class _Variant:
+    """One variant ready to run: its model, optimizer, inputs and step functions."""
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(cfg, device):
-            loss = nn.functional.cross_entropy(runner(x), target)
+    def __init__(self, variant: str, cfg: E2EConfig, device: torch.device):
+        torch.manual_seed(0)
+        self.variant, self.cfg, self.device = variant, cfg, device
+        self.model, self.runner, self.source, self.backend = build(variant, cfg, device)
+        self.x, self.target = make_inputs(cfg, device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.cfg, self.device):
+            loss = nn.functional.cross_entropy(self.runner(self.x), self.target)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    def inference_step():
-        with torch.inference_mode(), autocast(cfg, device):
-            runner(x)
+    def inference_step(self) -> None:
+        with torch.inference_mode(), autocast(self.cfg, self.device):
+            self.runner(self.x)
 
-    model.train()
-    train, train_peak = step_times(train_step, device, cfg.steps, cfg.warmup, on_step)
-    saved = float("nan")
-    if not variant.endswith("compile"):
-        opt.zero_grad(set_to_none=True)
-        with autocast(cfg, device):
-            saved = saved_activation_bytes(model, lambda: model(x))
-    infer = None
+    def resident_bytes(self) -> int:
+        """What this variant holds between steps: parameters, their gradients, buffers, optimizer state,
+        inputs. (Its peak is this plus the rise in allocated memory during its own step.)"""
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.x, self.target]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for state in self.opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _interleaved(fns: list[Callable[[], None]], device: torch.device, steps: int, warmup: int,
+                 resident: list[Callable[[], int]], on_step: Callable[[], None] | None):
+    """``warmup`` untimed rounds, then ``steps`` timed rounds; a round runs each function once, in an order
+    rotated every round (no variant always runs first, right after another's caches or frees). Each call is
+    device-synchronised and timed on its own. Returns (samples per function, in round order; peak bytes per
+    function on CUDA: its resident bytes plus the largest rise in allocated memory during one of its calls;
+    NaN elsewhere)."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+            if on_step:
+                on_step()
+    synchronize(device)
+    times = [[] for _ in fns]
+    peaks = [math.nan] * len(fns)
+    for k in range(steps):
+        for i in [(k + j) % len(fns) for j in range(len(fns))]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                own = resident[i]()
+            t0 = time.perf_counter()
+            fns[i]()
+            synchronize(device)
+            times[i].append(time.perf_counter() - t0)
+            if cuda:
+                rise = torch.cuda.max_memory_allocated(device) - before
+                peaks[i] = max(0.0 if math.isnan(peaks[i]) else peaks[i], float(own + rise))
+            if on_step:
+                on_step()
+    return times, peaks
+
+
+def measure_all(variants: list[str], cfg: E2EConfig, device: torch.device,
+                on_step: Callable[[], None] | None = None) -> list[dict]:
+    """Every variant's training-step and inference throughput, peak memory and saved activation bytes, the
+    variants interleaved step by step (``_interleaved``): sample k of every variant comes from round k, so a
+    change in machine load during the run reaches all of them alike, and speed-ups are taken per round
+    (``stats.paired_ratio``). Run one after another, a variant measured while another program was busy
+    would carry that into the ratio unseen."""
+    runs = [_Variant(v, cfg, device) for v in variants]
+    for r in runs:
+        r.model.train()
+    train, train_peak = _interleaved([r.train_step for r in runs], device, cfg.steps, cfg.warmup,
+                                     [r.resident_bytes for r in runs], on_step)
+    saved = []
+    for r in runs:
+        value = math.nan
+        if not r.variant.endswith("compile"):
+            r.opt.zero_grad(set_to_none=True)
+            with autocast(cfg, device):
+                value = saved_activation_bytes(r.model, lambda: r.model(r.x))
+        saved.append(value)
+    infer = [None] * len(runs)
     if cfg.inference:
-        model.eval()
-        infer, _ = step_times(inference_step, device, cfg.steps, cfg.warmup, on_step)
-    model = runner = opt = None  # free the device memory before the next variant (the closures share these cells)
+        for r in runs:
+            r.model.eval()
+        infer, _ = _interleaved([r.inference_step for r in runs], device, cfg.steps, cfg.warmup,
+                                [r.resident_bytes for r in runs], on_step)
+    results = []
+    for i, r in enumerate(runs):
+        t = summarize(train[i])
+        f = summarize(infer[i]) if infer[i] else None
+        results.append(dict(variant=r.variant, backend=r.backend, model_source=r.source,
+                            interpreted=r.backend == "triton" and triton_interpreted(), interleaved=True,
+                            train_step_ms=t.scaled(1e3).to_dict(), train_img_per_s=cfg.batch / t.median,
+                            infer_step_ms=f.scaled(1e3).to_dict() if f else None,
+                            infer_img_per_s=cfg.batch / f.median if f else None,
+                            peak_gib=train_peak[i] / 2**30, saved_mib=saved[i] / 2**20))
+    runs.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(variant=variant, backend=backend, model_source=source,
-                interpreted=backend == "triton" and triton_interpreted(),
-                train_step_ms=train.scaled(1e3).to_dict(), train_img_per_s=cfg.batch / train.median,
-                infer_step_ms=infer.scaled(1e3).to_dict() if infer else None,
-                infer_img_per_s=cfg.batch / infer.median if infer else None,
-                peak_gib=train_peak / 2**30, saved_mib=saved / 2**20)
+    return results
 
 
 def steps_per_variant(cfg: E2EConfig) -> int:

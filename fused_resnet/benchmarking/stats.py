@@ -91,6 +91,15 @@ def ratio(numerator: Summary, denominator: Summary) -> dict:
                 high=div(numerator.q3, denominator.q1))
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """numerator / denominator from samples taken in the same rounds (``e2e.measure_all`` interleaves the
+    variants, one step of each per round): the median of the per-round ratios, with their quartiles as the
+    range. A change in machine load between rounds moves both samples of a round alike, so it cancels here,
+    where the quartiles of two separately summarised figures (``ratio``) would keep it."""
+    per_round = summarize(a / b for a, b in zip(numerator, denominator) if b)
+    return dict(median=per_round.median, low=per_round.q1, high=per_round.q3, paired_rounds=per_round.n)
+
+
 def ratio_is_decisive(r: dict) -> bool:
     """Whether the whole quartile range of a ratio lies on one side of 1.0."""
     return (r["low"] > 1.0 or r["high"] < 1.0) if all(math.isfinite(r[k]) for k in ("low", "high")) else False

@@ -103,11 +103,9 @@ def run(args) -> int:
                 for b in fused_backends:
                     parity.append(e2e.first_step_parity(cfg, device, b))
                     bar.update(info=b)
-        results = []
         with Progress(len(variants) * e2e.steps_per_variant(cfg), "bench", enabled=not args.quiet) as bar:
-            for v in variants:
-                bar.info = v
-                results.append(e2e.measure(v, cfg, device, on_step=bar.update))
+            bar.info = ", ".join(variants)
+            results = e2e.measure_all(variants, cfg, device, on_step=bar.update)
         add_speedups(results)
 
         title = (f"{cfg.arch}, batch {cfg.batch}, {cfg.size}x{cfg.size}, {cfg.dtype}, "
@@ -122,8 +120,9 @@ def run(args) -> int:
                   f"{p['forward_fused_err']:.1e} (eager {p['forward_eager_err']:.1e}) | gradients "
                   f"{p['grad_fused_err']:.1e} (eager {p['grad_eager_err']:.1e}, bound {p['grad_bound']:.1e})")
         print(table(results))
-        print("step times: median (IQR as % of the median, min); img/s = batch / median step; speed-up: median "
-              "ratio (range from the quartiles of both variants' steps)")
+        print("step times: median (IQR as % of the median, min); img/s = batch / median step. The variants run "
+              "interleaved, one step of each per round; speed-up: the median of the per-round step-time ratios "
+              "(range: their quartiles)")
         for line in noise_warnings(results, device):
             print(line)
         if busy := busy_machine_warning(device):
@@ -143,8 +142,10 @@ def _device_label(device: torch.device) -> str:
 
 
 def add_speedups(results: list[dict]) -> None:
-    """Add to each record its speed-ups over eager (and over compile, where measured): the median step-time
-    ratio with the range from the quartiles (stats.ratio); None for the reference itself."""
+    """Add to each record its speed-ups over eager (and over compile, where measured); None for the reference
+    itself. Interleaved runs pair their samples round by round: the median of the per-round ratios, with their
+    quartiles as the range (stats.paired_ratio). Otherwise the ratio of the medians, with a range from the
+    quartiles of both (stats.ratio)."""
     by = {r["variant"]: r for r in results}
     for r in results:
         for ref in ("eager", "compile"):
@@ -153,8 +154,13 @@ def add_speedups(results: list[dict]) -> None:
                 if ref == "compile" and ref not in by:
                     continue
                 mine, base = r.get(f"{phase}_step_ms"), by.get(ref, {}).get(f"{phase}_step_ms")
-                r[key] = (stats.ratio(stats.from_dict(base), stats.from_dict(mine))
-                          if mine and base and r["variant"] != ref else None)
+                if not (mine and base and r["variant"] != ref):
+                    r[key] = None
+                elif r.get("interleaved") and by[ref].get("interleaved") and mine["n"] == base["n"] \
+                        and len(mine["samples"]) == mine["n"] == len(base["samples"]):
+                    r[key] = stats.paired_ratio(base["samples"], mine["samples"])  # the same rounds
+                else:
+                    r[key] = stats.ratio(stats.from_dict(base), stats.from_dict(mine))
 
 
 def noise_warnings(results: list[dict], device: torch.device) -> list[str]:
