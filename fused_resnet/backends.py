@@ -8,8 +8,9 @@ that backend is fused_resnet.dispatch's job.)
 
 A backend asked for explicitly (argument, module option, ``set_backend`` or the FUSED_RESNET_BACKEND
 environment variable) that cannot run raises ``BackendUnavailableError`` saying why. With no request, the
-first available one in ``AUTO_ORDER`` runs. Availability is computed once at import, so resolving a backend
-is plain dictionary work that torch.compile traces without graph breaks.
+first available one in ``AUTO_ORDER`` runs; when that is ``eager`` on CUDA (no fused kernel can run there), a
+warning says why, once per process. Availability is computed once at import, so resolving a backend is plain
+dictionary work that torch.compile traces without graph breaks.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import shlex
+import warnings
 
 import torch
 
@@ -182,6 +184,28 @@ def get_backend() -> str | None:
     return _default_backend
 
 
+def _automatic(device_type: str) -> str:
+    for candidate in AUTO_ORDER.get(device_type, ("eager",)):
+        if _STATUS.get((candidate, device_type), (False, ""))[0]:
+            return candidate
+    return "eager"
+
+
+_warned_auto_eager = False
+
+
+def _warn_auto_eager() -> None:
+    """Once per process: automatic selection runs plain PyTorch ops on CUDA tensors, and why."""
+    global _warned_auto_eager
+    if _warned_auto_eager or torch.compiler.is_compiling():
+        return
+    _warned_auto_eager = True
+    reasons = "; ".join(f"{b}: {_STATUS.get((b, 'cuda'), (False, '?'))[1]}" for b in AUTO_ORDER["cuda"] if b != "eager")
+    warnings.warn(f"fused_resnet: no fused backend can run CUDA tensors here, so automatic selection runs the "
+                  f"'eager' backend (plain PyTorch ops, nothing fused) ({reasons}). Ask for backend='eager' "
+                  "(or FUSED_RESNET_BACKEND=eager) to silence this.", RuntimeWarning, stacklevel=3)
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``: ``backend``, else the global request, else auto.
     Meta tensors carry only shapes and dtypes: every request runs the eager ops there (shape inference)."""
@@ -191,18 +215,47 @@ def resolve(backend: str | None, device: torch.device) -> str:
         return "eager"
     name = backend if backend is not None else _default_backend
     if name is None or name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("eager",)):
-            if _STATUS.get((candidate, device.type), (False, ""))[0]:
-                return candidate
-        return "eager"
+        chosen = _automatic(device.type)
+        if chosen == "eager" and device.type == "cuda":
+            _warn_auto_eager()
+        return chosen
     ok, reason = backend_status(name, device)
     if not ok:
         raise BackendUnavailableError(f"fused_resnet backend {name!r} is not available: {reason}")
     return name
 
 
+def describe(backend: str | None, device: torch.device | str) -> str:
+    """``backend`` (a module's option) and what runs for tensors on ``device``, for module reprs:
+    "cpu" (asked for), "auto->triton" (chosen automatically), "global->eager" (set_backend or
+    FUSED_RESNET_BACKEND), with the reason when it cannot run there."""
+    device = torch.device(device)
+    def named(name: str, label: str) -> str:
+        ok, reason = backend_status(name, device) if name in BACKENDS else (False, "unknown backend")
+        return label if ok or device.type == "meta" else f"{label} (unavailable on {device.type}: {reason})"
+
+    if backend is not None and backend != "auto":
+        return named(backend, backend)
+    if _env_error is not None:
+        return f"auto (invalid FUSED_RESNET_BACKEND: {os.environ.get('FUSED_RESNET_BACKEND', '')!r})"
+    if _default_backend is not None:
+        return named(_default_backend, f"global->{_default_backend}")
+    return f"auto->{'eager' if device.type == 'meta' else _automatic(device.type)}"
+
+
 def build_info() -> dict:
-    """What this installation can run, for bug reports and the CLI."""
+    """What this installation can run, for bug reports and the CLI. ``resolved``: the backend that runs for
+    tensors of each device type when none is asked for (None: that device type is absent, or
+    FUSED_RESNET_BACKEND is invalid, or the process-wide choice cannot run there)."""
+    resolved = {}
+    for d in ("cpu", "cuda"):
+        name = _default_backend
+        if _env_error is not None or (d == "cuda" and not _CUDA_AVAILABLE):
+            resolved[d] = None
+        elif name is None:
+            resolved[d] = _automatic(d)
+        else:
+            resolved[d] = name if backend_status(name, d)[0] else None
     return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -215,5 +268,6 @@ def build_info() -> dict:
         "triton_interpret": TRITON_INTERPRET,
         "available": {d: available_backends(d) for d in ("cpu", "cuda")},
         "default": _default_backend or "auto",
+        "resolved": resolved,
         "environment_error": _env_error,
     }

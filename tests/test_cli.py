@@ -324,7 +324,7 @@ def test_entry_points():
     result = subprocess.run([sys.executable, "-m", "fused_resnet", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("bench", "micro", "memory", "train", "check"):
+    for command in ("bench", "micro", "memory", "train", "check", "info"):
         assert command in result.stdout
     bad = subprocess.run([sys.executable, "-m", "fused_resnet", "bench", "--batch", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

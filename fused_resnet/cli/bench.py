@@ -21,7 +21,8 @@ from ..benchmarking import e2e, stats
 from ..models import BUILDERS
 from . import plots
 from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, speedup_cell
-from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
+from .common import (CLIError, Progress, ResultWriter, add_arch_argument, add_batch_argument, add_common_arguments,
+                     add_dtype_arguments, add_memory_format_arguments, add_size_argument, check_dtype, format_table,
                      non_negative_int, positive_int, resolve_device, result_document)
 
 HELP = "end-to-end training/inference throughput: eager vs torch.compile vs fused (+ compile)"
@@ -30,11 +31,11 @@ HELP = "end-to-end training/inference throughput: eager vs torch.compile vs fuse
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help=HELP, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=list(BUILDERS), default=None, help="default resnet50 (CUDA), resnet18 (CPU)")
-    p.add_argument("--batch", type=positive_int, default=None, help="default 256 (CUDA), 8 (CPU)")
-    p.add_argument("--size", type=positive_int, default=None, help="image height = width; default 224 / 64")
-    p.add_argument("--dtype", choices=list(e2e.DTYPES), default=None, help="autocast dtype; default bf16 / fp32")
-    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
+    add_arch_argument(p, BUILDERS, None, "default resnet50 (CUDA), resnet18 (CPU)")
+    add_batch_argument(p, None, "default 256 (CUDA), 8 (CPU)")
+    add_size_argument(p, None, "image height = width; default 224 / 64")
+    add_dtype_arguments(p, None, "autocast dtype; default bf16 (CUDA) / fp32 (CPU)")
+    add_memory_format_arguments(p)
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps (median); default 20 / 5")
     p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first; default 5 / 2")
     p.add_argument("--variants", default=None,
@@ -92,6 +93,7 @@ def parse_variants(spec: str | None, device: torch.device) -> list[str]:
 def run(args) -> int:
     device = resolve_device(args.device)
     cfg = _config(args, device)
+    args.batch = cfg.batch  # the batch in use, for main()'s out-of-memory message
     variants = parse_variants(args.variants, device)
     with ResultWriter(args.out) as writer:
         if device.type == "cuda":

@@ -21,8 +21,9 @@ from ..benchmarking.memory import (STAGES, STEP_STAGES, SavedTensorCounter, allo
                                    stage_peaks_cuda)
 from ..models import BUILDERS
 from . import plots
-from .common import (CLIError, Progress, ResultWriter, add_common_arguments, check_dtype, format_table,
-                     positive_int, resolve_device, result_document)
+from .common import (CLIError, Progress, ResultWriter, add_arch_argument, add_batch_argument, add_common_arguments,
+                     add_dtype_arguments, add_memory_format_arguments, add_size_argument, check_dtype, format_table,
+                     resolve_device, result_document)
 
 HELP = "peak memory and saved-activation bytes per stage, eager vs fused, with charts"
 
@@ -30,11 +31,11 @@ HELP = "peak memory and saved-activation bytes per stage, eager vs fused, with c
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("memory", help=HELP, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=list(BUILDERS), default="resnet50")
-    p.add_argument("--batch", type=positive_int, default=None, help="default 256 (CUDA), 4 (CPU)")
-    p.add_argument("--size", type=positive_int, default=None, help="image height = width; default 224 / 128")
-    p.add_argument("--dtype", choices=list(e2e.DTYPES), default=None, help="autocast dtype; default bf16 / fp32")
-    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
+    add_arch_argument(p, BUILDERS, "resnet50")
+    add_batch_argument(p, None, "default 256 (CUDA), 4 (CPU)")
+    add_size_argument(p, None, "image height = width; default 224 / 128")
+    add_dtype_arguments(p, None, "autocast dtype; default bf16 (CUDA) / fp32 (CPU)")
+    add_memory_format_arguments(p)
     p.add_argument("--backend", choices=list(backends.BACKENDS), default=None,
                    help="fused backend (default: the fastest available)")
     add_common_arguments(p, "fused_resnet_results")
@@ -101,6 +102,7 @@ def run(args) -> int:
         raise CLIError("--batch must be >= 2: training-mode BatchNorm needs more than one value per channel")
     if cfg.size < 32:
         raise CLIError(f"--size {cfg.size} is too small for a ResNet (5 stride-2 stages): use >= 32")
+    args.batch = cfg.batch  # the batch in use, for main()'s out-of-memory message
     try:
         backend = backends.resolve(args.backend, device)
     except backends.BackendUnavailableError as exc:

@@ -21,8 +21,8 @@ from ..benchmarking import micro
 from ..benchmarking.report import INTERPRETER_BANNER, busy_machine_warning, dtype_name
 from ..benchmarking.timing import CPU_KERNEL_THREADS, copy_bandwidth, matmul_rate
 from . import plots
-from .common import (CLIError, Progress, ResultWriter, add_common_arguments, positive_int, resolve_device,
-                     result_document)
+from .common import (CLIError, Progress, ResultWriter, add_batch_argument, add_common_arguments, positive_int,
+                     resolve_device, result_document)
 
 HELP = "kernel microbenchmarks (GB/s, FLOP/s) against the measured copy bandwidth and matmul rate"
 
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help=f"comma-separated from {', '.join(micro.PROVIDERS)} (default: triton,cuda,eager on CUDA, "
                         "cpu,eager on CPU)")
-    p.add_argument("--batch", type=positive_int, default=None, help="default 256 (CUDA), 8 (CPU)")
+    add_batch_argument(p, None, "default 256 (CUDA), 8 (CPU)")
     p.add_argument("--shapes", default=None,
                    help="comma-separated substrings of the shape names to keep (e.g. layer1,stem); default all")
     p.add_argument("--no-kernels", action="store_true", help="only the module forward/backward, not each pass")
@@ -60,6 +60,7 @@ def run(args) -> int:
     cfg = micro.default_config(device, args.smoke, args.batch or (None if cuda or args.smoke else 8))
     if cfg.batch < 2:
         raise CLIError("--batch must be >= 2: training-mode BatchNorm needs more than one value per channel")
+    args.batch = cfg.batch  # the batch in use, for main()'s out-of-memory message
     providers = [p.strip() for p in (args.providers or ("triton,cuda,eager" if cuda else "cpu,eager")).split(",")
                  if p.strip()]
     unknown = [p for p in providers if p not in micro.PROVIDERS]

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from .. import backends
 from .._modules import no_global_hooks, unobserved
 from ..nn.batch_norm import batch_norm_arguments, is_batch_norm_2d
 from ..ops.batch_norm import batch_norm_act
@@ -206,6 +207,11 @@ class FusedResNetMixin:
 
     def _fusable(self) -> bool:
         return no_global_hooks() and plain_conv(self.conv1) and plain_bn(self.bn1) and plain_relu(self.relu)
+
+    def extra_repr(self) -> str:
+        # What runs for the model's tensors where they are now: "backend=auto->triton", "backend=cpu", ...
+        where = next((t.device for t in (self.bn1.weight, self.conv1.weight) if t is not None), "cpu")
+        return f"backend={backends.describe(getattr(self.bn1, 'backend', None), where)}"
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fusable():

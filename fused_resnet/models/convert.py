@@ -242,8 +242,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: Optional[b
     """Fuse ``model`` in place and return it (see the module docstring for what qualifies).
 
     The report, ``model.fused_resnet_report``, lists what was fused and what was left alone with the reason
-    (printed when ``verbose``, logged to the "fused_resnet" logger). ``sync_bn=True`` synchronises the statistics
-    of every fused BatchNorm over ``process_group`` (default: the world) under torch.distributed, as
+    (printed when ``verbose``, logged at DEBUG to the "fused_resnet" logger). ``sync_bn=True`` synchronises the
+    statistics of every fused BatchNorm over ``process_group`` (default: the world) under torch.distributed, as
     nn.SyncBatchNorm; nn.SyncBatchNorm modules keep syncing.
     """
     if not isinstance(model, nn.Module):
@@ -254,7 +254,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: Optional[b
     if sync_bn is not None or process_group is not None:
         convert_sync_batchnorm(model, process_group, enabled=sync_bn if sync_bn is not None else True)
     model.fused_resnet_report = plan.report
-    logger.info("%s", plan.report)
+    logger.debug("%s", plan.report)  # every model build converts: the report is there to ask for, not news
     if verbose:
         print(plan.report)
     return model

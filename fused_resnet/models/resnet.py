@@ -75,14 +75,35 @@ class FusedResNet(FusedResNetMixin, ref.ResNet):
 register_fused_class(FusedResNet, ref.ResNet, FusedResNetMixin)
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors")
+
+
+def _names_a_file(weights: Any) -> bool:
+    """Whether ``weights`` is meant as a file: a path object, or a string with a folder separator, a leading
+    "~" or ".", or a checkpoint suffix. torchvision's names ("IMAGENET1K_V2", "ResNet50_Weights.DEFAULT") have
+    none of these."""
+    if isinstance(weights, os.PathLike):
+        return True
+    if not isinstance(weights, str):
+        return False
+    separators = [s for s in (os.sep, os.altsep, "/") if s]
+    return (any(s in weights for s in separators) or weights.startswith(("~", "."))
+            or os.path.splitext(weights)[1].lower() in CHECKPOINT_SUFFIXES)
+
+
 def load_weights(model: nn.Module, weights: Any, progress: bool = True) -> None:
     """Load ``weights`` into ``model`` with strict=True. weights: a state_dict, a path to one (torch.save), or a
     torchvision weights enum / its name (e.g. ResNet50_Weights.IMAGENET1K_V2, "IMAGENET1K_V2"), which needs
-    torchvision and network access to download."""
+    torchvision and network access to download. A path that does not exist raises FileNotFoundError."""
     if isinstance(weights, Mapping):
         state_dict = weights
-    elif isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    elif isinstance(weights, (str, os.PathLike)) and os.path.isfile(os.path.expanduser(weights)):
+        state_dict = torch.load(os.path.expanduser(weights), map_location="cpu", weights_only=True)
+    elif _names_a_file(weights):
+        path = os.path.abspath(os.path.expanduser(os.fspath(weights)))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"fused_resnet: weights={os.fspath(weights)!r} is a folder, not a checkpoint file")
+        raise FileNotFoundError(f"fused_resnet: weights={os.fspath(weights)!r}: no such file ({path})")
     elif hasattr(weights, "get_state_dict") or isinstance(weights, str):
         state_dict = _torchvision_state_dict(model, weights, progress)
     else:
@@ -96,8 +117,9 @@ def _torchvision_state_dict(model, weights, progress):
         import torchvision.models as tvm
     except Exception as exc:  # torchvision missing or broken (it has no CPU build for every torch)
         raise RuntimeError(
-            f"fused_resnet: weights={weights!r} names torchvision weights, but torchvision cannot be imported "
-            f"({exc}). Pass a state_dict or the path of a downloaded .pth file instead.") from exc
+            f"fused_resnet: weights={weights!r} is no file here, so it must name torchvision weights, but "
+            f"torchvision cannot be imported ({exc}). Pass a state_dict or the path of a downloaded .pth file "
+            "instead.") from exc
     if isinstance(weights, str):
         enum_name = f"{getattr(model, '_fused_resnet_arch', 'ResNet50')}_Weights"
         try:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .. import backends
 from .._modules import no_global_hooks, unobserved
 from ..ops.batch_norm import batch_norm_act
 
@@ -147,7 +148,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.__dict__.pop("qconfig", None)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fuse_relu={self.fuse_relu}, backend={self.backend or 'auto'}"
+        # The backend that runs for this module's tensors where they are now ("auto->cpu", "triton", ...).
+        where = next((t.device for t in (self.weight, self.running_mean) if t is not None), "cpu")
+        return f"{super().extra_repr()}, fuse_relu={self.fuse_relu}, backend={backends.describe(self.backend, where)}"
 
 
 def is_batch_norm_2d(m: nn.Module) -> bool:
