@@ -67,6 +67,7 @@ def collect() -> dict:
                       **{name: _version(name) for name in OPTIONAL}),
         build=dict(extension=build["extension"], extension_file=getattr(extension, "__file__", None),
                    extension_error=build["extension_error"], extension_cuda_kernels=build["extension_cuda_kernels"],
+                   extension_built_with_torch=build.get("extension_built_with_torch"),
                    triton_installed=build["triton_installed"], triton_interpret=build["triton_interpret"]),
         backends={d: {b: dict(zip(("available", "reason"), backends.backend_status(b, d))) for b in backends.BACKENDS}
                   for d in ("cpu", "cuda")},
@@ -91,6 +92,7 @@ def _lines(info: dict) -> list[str]:
         ("extension fused_resnet._C", "loaded" if b["extension"] else f"NOT loaded: {b['extension_error']}"),
         ("  file", b["extension_file"]),
         ("  CUDA kernels", "yes" if b["extension_cuda_kernels"] else "no"),
+        ("  compiled against torch", b["extension_built_with_torch"] or "not recorded (a build older than the record)"),
         ("triton", "installed" if b["triton_installed"] else "not installed"),
         ("TRITON_INTERPRET", "1 (Triton runs CPU tensors in its interpreter)" if b["triton_interpret"] else "off"),
     ])
