@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..benchmarking.report import (SCHEMA_VERSION, device_name, environment, format_table,  # noqa: F401
+from ..benchmarking.report import (SCHEMA_VERSION, device_name, environment, format_table, json_safe,  # noqa: F401
                                    result_document)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -358,17 +358,6 @@ class Progress:
 # Result files: staged in a hidden folder, moved into place only when the run completes
 
 
-def _json_safe(obj):
-    """NaN/inf become null (JSON has no NaN); tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 COMMITTED: list[str] = []  # every file a ResultWriter moved into place in this process (for main()'s messages)
 
 
@@ -396,7 +385,7 @@ class ResultWriter:
 
     def write_json(self, name: str, data: dict) -> None:
         with open(self.path(name), "w") as f:
-            json.dump(_json_safe(data), f, indent=1, allow_nan=False)
+            json.dump(json_safe(data), f, indent=1, allow_nan=False)
             f.write("\n")
 
     def __enter__(self) -> "ResultWriter":
