@@ -88,18 +88,20 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def conv_functions(impl: str, backend: str) -> SimpleNamespace:
     """fwd / dgrad / wgrad of a convolution implementation ("triton" or "aten" with ``backend``'s BatchNorm
-    kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask
-    and backward reduction in its epilogue) where the implementation has it (None otherwise)."""
+    kernels for its prologue and statistics); dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask and
+    backward reduction in its epilogue) and backward (dgrad and wgrad from one call) where the implementation
+    has them (None otherwise)."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
         return SimpleNamespace(fwd=fwd.conv_fwd, dgrad=bwd.conv_dgrad, wgrad=bwd.conv_wgrad,
-                               dgrad_bn=bwd.conv_dgrad_bn)
+                               dgrad_bn=bwd.conv_dgrad_bn, backward=None)
     if impl == "aten":
         ref = importlib.import_module("fused_resnet.reference")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
-                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None)
+                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None,
+                               backward=functools.partial(ref.conv_backward, bn=bn))
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 
 

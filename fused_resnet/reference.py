@@ -178,3 +178,15 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     placeholder = a.new_empty(1, dtype=dtype).expand(weight_shape)
     return torch.ops.aten.convolution_backward(grad_out, a, placeholder, None, list(stride), list(padding),
                                                list(dilation), False, [0, 0], groups, [False, True, False])[1]
+
+
+def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                  prologue: Optional[tuple] = None, bn=None) -> tuple[Tensor, Tensor]:
+    """(gradient of the convolution's input, gradient of its weight) from one ATen convolution_backward, the
+    input recomputed from x through the prologue. One call instead of conv_dgrad + conv_wgrad: ATen (oneDNN on
+    CPU) shares the reorder of grad_out and its setup between the two, as eager PyTorch's backward does."""
+    a = conv_input(x, prologue, bn)
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad_out, a, weight, None, list(stride), list(padding),
+                                                            list(dilation), False, [0, 0], groups,
+                                                            [True, True, False])
+    return grad_a, grad_w

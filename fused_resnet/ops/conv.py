@@ -16,7 +16,7 @@ the weight, the per-channel statistics and parameters; for conv_bias_act with a 
 mask). The statistics output is not differentiable: the BatchNorm that consumes it accounts for its
 dependence on y (its backward with batch statistics), as it does for statistics it computed itself.
 
-Backward: dw = wgrad(dy, prologue(x)) and da = dgrad(dy, w); then the prologue BatchNorm's backward turns da
+Backward: dw = wgrad(dy, prologue(x)) and da = dgrad(dy, w) (from one ATen call for "aten": conv_dgrad_wgrad); then the prologue BatchNorm's backward turns da
 into dx, dweight and dbias (bn_act_grads: ReLU mask, reductions, elementwise pass). The Triton dgrad applies
 the ReLU mask and computes the BatchNorm's reductions in its epilogue (conv_dgrad_bn), leaving only the
 elementwise pass.
@@ -115,6 +115,27 @@ def _(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, paddi
             mean.new_empty((2, x.shape[1])))
 
 
+@torch.library.custom_op("fused_resnet::conv_dgrad_wgrad", mutates_args=())
+def conv_dgrad_wgrad(grad_out: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, mean: Optional[Tensor], invstd: Optional[Tensor],
+                     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, impl: str,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """(gradient of the convolution's input, of its weight) from one call, for implementations that have it
+    (fns.backward): the input relu?(bn(x)) recomputed from x through the prologue (mean None: x itself)."""
+    fns = dispatch.conv_functions(impl, backend)
+    grad_a, grad_w = fns.backward(grad_out, x, weight, stride, padding, dilation, groups,
+                                  _prologue(mean, invstd, bn_weight, bn_bias, relu))
+    return (grad_a.contiguous(memory_format=_out_format(x)),
+            grad_w.contiguous(memory_format=_format(_is_channels_last(weight))))
+
+
+@conv_dgrad_wgrad.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, mean, invstd, bn_weight, bn_bias, relu, impl, backend):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                        memory_format=_format(_is_channels_last(weight))))
+
+
 def _is_channels_last(t: Tensor) -> bool:
     return _out_format(t) == torch.channels_last
 
@@ -130,6 +151,13 @@ def _dgrad_bn(grad_out, weight, x, prologue, stride, padding, dilation, groups, 
     args = (grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation, groups,
             _is_channels_last(x), impl, backend)
     return conv_dgrad_bn._init_fn(*args) if eager(grad_out, weight, x) else conv_dgrad_bn(*args)
+
+
+def _dgrad_wgrad(grad_out, x, weight, stride, padding, dilation, groups, prologue, impl, backend):
+    mean, invstd, bn_weight, bn_bias, relu = prologue if prologue is not None else (None, None, None, None, False)
+    args = (grad_out, x, weight, stride, padding, dilation, groups, mean, invstd, bn_weight, bn_bias, relu, impl,
+            backend)
+    return conv_dgrad_wgrad._init_fn(*args) if eager(grad_out, x, weight) else conv_dgrad_wgrad(*args)
 
 
 def _wgrad(grad_out, x, weight, stride, padding, dilation, groups, prologue, impl, backend) -> Tensor:
@@ -196,11 +224,15 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
         return (grad_x, grad_w) + (None,) * 4 + (None, None, grad_bw, grad_bb) + (None,) * 5
     stride, padding, dilation, groups = ctx.conv_args
     prologue = _prologue(mean, invstd, bn_weight, bn_bias, ctx.relu)
-    grad_w = grad_x = grad_bw = grad_bb = None
-    if need_w:
-        grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
+    fns = dispatch.conv_functions(ctx.impl, ctx.backend)
+    grad_w = grad_x = grad_bw = grad_bb = grad_a = None
     need_a = need_x or (prologue is not None and (need_bw or need_bb))
-    if need_a and prologue is not None and dispatch.conv_functions(ctx.impl, ctx.backend).dgrad_bn is not None:
+    if need_w and need_a and fns.backward is not None:
+        grad_a, grad_w = _dgrad_wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl,
+                                      ctx.backend)
+    elif need_w:
+        grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
+    if need_a and grad_a is None and prologue is not None and fns.dgrad_bn is not None:
         # dgrad + ReLU mask + the BatchNorm's backward reduction in one kernel; the elementwise pass follows.
         dz, reduced = _dgrad_bn(grad_y, weight, x, prologue, stride, padding, dilation, groups, ctx.impl,
                                 ctx.backend)
@@ -208,7 +240,8 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
                                                    ctx.backend, ctx.group_name, need_x, need_bw, need_bb, False,
                                                    reduced=reduced)
     elif need_a:
-        grad_a = _dgrad(grad_y, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
+        if grad_a is None:
+            grad_a = _dgrad(grad_y, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
         if prologue is None:
             grad_x = grad_a
         else:
@@ -266,10 +299,13 @@ def _conv_bias_act_backward(ctx, grad):
             y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
             grad_x, grad_w = differentiable_grads(y, [x if need_x else None, weight if need_w else None], dz)
         return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
-    if need_x:
-        grad_x = _dgrad(dz, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
-    if need_w:
-        grad_w = _wgrad(dz, x, weight, stride, padding, dilation, groups, None, ctx.impl, ctx.backend)
+    if need_x and need_w and dispatch.conv_functions(ctx.impl, ctx.backend).backward is not None:
+        grad_x, grad_w = _dgrad_wgrad(dz, x, weight, stride, padding, dilation, groups, None, ctx.impl, ctx.backend)
+    else:
+        if need_x:
+            grad_x = _dgrad(dz, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
+        if need_w:
+            grad_w = _wgrad(dz, x, weight, stride, padding, dilation, groups, None, ctx.impl, ctx.backend)
     return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
 
 
