@@ -9,7 +9,8 @@ supports (``supports_conv``). A backend that does not provide an op falls back o
   triton  BatchNorm: fused_resnet/kernels/batch_norm.py; convolutions: kernels/conv_fwd.py, conv_bwd.py
           (bf16, fp16, fp32 on CUDA, or on CPU tensors in Triton's interpreter)
   cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below)
-  cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten"
+  cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten", or "gemm" (conv_gemm.py: one
+          im2col + GEMM) on the small maps where it is measured faster
   eager   everything in fused_resnet/reference.py
 "aten" convolutions are ATen's (cuDNN on CUDA) with the backend's own BatchNorm kernels for the prologue and
 the statistics (reference.conv_* with ``bn=`` that backend): today's path, and the fallback for every input
@@ -17,9 +18,10 @@ the Triton convolutions do not take (float64, other devices).
 
 Which backend runs is fused_resnet.backends' business (explicit request, process-wide setting,
 FUSED_RESNET_BACKEND, automatic order). Here: given that backend, which convolution implementation runs for
-one convolution (``conv_choice``): Triton's fused kernels or "aten". On CUDA the choice is made per shape by
-measuring both once (like torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|aten|auto or
-``set_conv_impl`` overrides it. Nothing else in the package maps an op to a function.
+one convolution (``conv_choice``): on the triton backend Triton's fused kernels or "aten", on the cpu backend
+"aten" or "gemm". Where there are two, the choice is made per shape by measuring both once (like
+torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|aten|gemm|auto or ``set_conv_impl``
+overrides it. Nothing else in the package maps an op to a function.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backends
+from . import backends, conv_gemm
 
 BN_OPS = ("bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt")
 CONV_OPS = ("conv_fwd", "conv_dgrad", "conv_wgrad")
@@ -41,7 +43,7 @@ PROVIDES = {
     "cpu": BN_OPS,
     "eager": BN_OPS + CONV_OPS,
 }
-CONV_IMPLS = ("triton", "aten")
+CONV_IMPLS = ("triton", "aten", "gemm")
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,6 +104,11 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
                                wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None,
                                backward=functools.partial(ref.conv_backward, bn=bn))
+    if impl == "gemm":
+        bn = _module(backend)
+        return SimpleNamespace(fwd=functools.partial(conv_gemm.conv_fwd, bn=bn), dgrad=conv_gemm.conv_dgrad,
+                               wgrad=functools.partial(conv_gemm.conv_wgrad, bn=bn), dgrad_bn=None,
+                               backward=functools.partial(conv_gemm.conv_backward, bn=bn))
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 
 
@@ -115,8 +122,10 @@ _conv_cache: dict = {}
 
 
 def set_conv_impl(name: Optional[str]) -> None:
-    """Force the convolution implementation where it applies ("triton" or "aten"), or None / "auto": choose
-    per shape (measured on CUDA). "triton" still falls back to "aten" for inputs Triton's kernels do not take."""
+    """Force the convolution implementation where it applies ("triton", "aten" or "gemm"), or None / "auto":
+    choose per shape (measured). A forced implementation that does not take an input (Triton's kernels off
+    the triton backend or outside their dtypes, "gemm" off the cpu backend or beyond its sizes) falls back to
+    "aten" there."""
     global _conv_override
     if name is not None and name != "auto" and name not in CONV_IMPLS:
         raise ValueError(f"unknown convolution implementation {name!r}; choose from auto, {', '.join(CONV_IMPLS)}")
@@ -124,7 +133,7 @@ def set_conv_impl(name: Optional[str]) -> None:
 
 
 def conv_choices() -> dict:
-    """The per-shape choices made so far on CUDA: {shape key: implementation} (for benchmarks and reports)."""
+    """The per-shape choices measured so far: {shape key: implementation} (for benchmarks and reports)."""
     return dict(_conv_cache)
 
 
@@ -140,27 +149,40 @@ def _heuristic(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     return "triton" if c_g >= 16 and k_g >= 16 else "aten"
 
 
+def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                    groups: int) -> tuple[str, ...]:
+    """The convolution implementations that may run this convolution on ``backend``, "aten" always among
+    them: Triton's fused kernels on the triton backend where they take the inputs; on the cpu backend the
+    im2col + GEMM convolution where it applies (conv_gemm.applies: small CPU maps)."""
+    if backend == "triton" and supports_conv("triton", x, weight):
+        return ("triton", "aten")
+    if backend == "cpu" and conv_gemm.applies(x, weight, stride, padding, dilation, groups):
+        return ("aten", "gemm")
+    return ("aten",)
+
+
 def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
                 prologue: bool, kind: str, measure: Optional[Callable[[str], float]] = None) -> str:
-    """The convolution implementation for one convolution: "triton" (fused kernels) or "aten".
+    """The convolution implementation for one convolution, among ``conv_candidates``.
 
-    Triton's only with the triton backend and inputs its kernels take. Then: the override if any; under the
-    interpreter (CPU tests), Triton; on CUDA, the faster of the two by ``measure(impl) -> seconds``, measured
-    once per shape key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake
-    tensors) a cached choice or the heuristic."""
-    if backend != "triton" or not supports_conv("triton", x, weight):
-        return "aten"
+    The override if any (when a candidate; else "aten"); under the interpreter (CPU tests of the triton
+    backend), Triton; otherwise the faster candidate by ``measure(impl) -> seconds``, measured once per shape
+    key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
+    cached choice or the heuristic."""
+    candidates = conv_candidates(backend, x, weight, stride, padding, dilation, groups)
+    if len(candidates) == 1:
+        return candidates[0]
     if _conv_override is not None:
-        return _conv_override
-    if x.device.type != "cuda":
+        return _conv_override if _conv_override in candidates else "aten"
+    if "triton" in candidates and x.device.type != "cuda":
         return "triton"
     key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind)
     choice = _conv_cache.get(key)
     if choice is not None:
         return choice
     if measure is None:
-        return _heuristic(x, weight, groups)
-    times = {impl: measure(impl) for impl in CONV_IMPLS}
+        return _heuristic(x, weight, groups) if "triton" in candidates else "aten"
+    times = {impl: measure(impl) for impl in candidates}
     choice = min(times, key=times.get)
     _conv_cache[key] = choice
     return choice

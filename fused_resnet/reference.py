@@ -156,6 +156,14 @@ def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, 
     bn = _bn_module(bn)
     y = torch.ops.aten.convolution(conv_input(x, prologue, bn), weight, None, list(stride), list(padding),
                                    list(dilation), False, [0, 0], groups)
+    return conv_epilogue(y, stats, bias, residual, relu, bn)
+
+
+def conv_epilogue(y: Tensor, stats: bool, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool,
+                  bn=None) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, stats of y or None), y = relu?(y + bias [+ residual]) when a bias is given: conv_fwd's epilogue as
+    passes of ``bn``'s kernels after the convolution."""
+    bn = _bn_module(bn)
     if bias is not None:
         zeros, ones = unit_scale(y.shape[1], y.device, acc_dtype_of(y))
         y = bn.bn_act(y, zeros, ones, None, bias, residual, relu)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import backends
 from ..nn.batch_norm import batch_norm_arguments
 from ..ops.batch_norm import batch_norm_act
-from ..ops.conv import conv2d_bias_act
+from ..ops.conv import conv2d, conv2d_bias_act
 
 
 def can_fold(bn: nn.BatchNorm2d) -> bool:
@@ -70,8 +70,11 @@ def conv_bias_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Opti
     BatchNorm (+ residual) (+ ReLU) as one fused elementwise pass."""
     backend = getattr(bn, "backend", None)
     if not folding_pays(x, backend):
-        y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                       conv.groups)
+        if conv.bias is None:
+            y = conv2d(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend)
+        else:
+            y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                           conv.groups)
         return batch_norm_act(y, residual=residual, relu=relu, **batch_norm_arguments(bn, y))
     weight, bias = folded_conv_bn(conv, bn)
     return conv2d_bias_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
