@@ -2,11 +2,12 @@
 (fused_resnet.dispatch), for the small maps where ATen's CPU convolution (oneDNN) is slow.
 
 Why: with many channels and few output pixels, oneDNN's convolution kernels are far from the GEMM they
-amount to. Measured on one thread (benchmarks/cpu_conv_algorithms.py): ResNet-18's layer4 3x3 convolution at a 64x64
-input (8 x 512 x 2 x 2, 512 filters) takes about 80 ms for its weight gradient and 10 ms for its forward in
-oneDNN, and about 5 ms and 3 ms as the GEMMs below. On larger maps oneDNN wins. So nothing here is chosen by a
-rule: dispatch.conv_choice measures both once per shape (as torch.backends.cudnn.benchmark does) and keeps
-the faster; ``applies`` only bounds what is worth measuring (small maps, a bounded im2col buffer).
+amount to. Measured on one thread (benchmarks/cpu_conv_algorithms.py; benchmarks/RESULTS.md): ResNet-18's
+layer4 3x3 convolution at a 64x64 input (8 x 512 x 2 x 2, 512 filters) takes about 80 ms forward + backward
+in oneDNN, most of it the weight gradient, and about 13 ms as the GEMMs below. On larger maps oneDNN wins.
+So the choice is not a rule: dispatch.conv_choice measures both once per shape (as
+torch.backends.cudnn.benchmark does) and keeps the faster; ``applies`` only bounds what is worth measuring
+(small maps, a bounded im2col buffer).
 
 Layout: rows of the channels_last (NHWC) order, where every GEMM operand below is a view or one gather:
     cols[(n, oh, ow), (r, s, c)] = a[n, c, oh*sh - ph + r*dh, ow*sw - pw + s*dw]   (0 outside the map)
