@@ -1,0 +1,50 @@
+// Plain C++ launchers of the CUTLASS fused convolutions (no torch headers, no CUTLASS headers: the bindings
+// include only this). Raw pointers, a ConvShape and a stream in; cudaError_t out. They allocate nothing.
+//
+// Layouts (all dense, packed):
+//   x  activations NHWC  [N, H, W, C]  (a channels_last N,C,H,W tensor)
+//   w  filter      KRSC  [K, R, S, C]  (a channels_last K,C,R,S tensor)
+//   y  output      NPQK  [N, P, Q, K]  (channels_last N,K,P,Q)
+// The BN-apply + ReLU prologue is relu(x * scale[c] + shift[c]) with scale = gamma * invstd and
+// shift = beta - mean * scale, applied by CUTLASS's fprop mainloop fusion (example 25) to the activation
+// fragments in registers, between shared memory and mma.sync. scale/shift are fp16 [C] (the operand type of
+// that transform: its `fma.rn.f16x2.relu` takes fp16 pairs), so the caller rounds them from fp32 once.
+// Padding: the mainloop fills out-of-bounds activations with the marker NaN 0x7eff and the transform maps
+// it to 0, so padded taps contribute 0 (not relu(shift)), as in a convolution of the normalised tensor.
+//
+// Return codes: cudaSuccess; cudaErrorNotSupported when the instantiation cannot take the shape (the
+// *_supports query says the same beforehand: callers fall back); cudaErrorInvalidValue for a bad shape;
+// otherwise the launch's own error (cudaGetLastError()).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+namespace fused_resnet {
+namespace cuda_conv {
+
+struct ConvShape {
+  int N, H, W, C;       // input
+  int K, R, S;          // filter (K output channels, R x S taps)
+  int P, Q;             // output spatial size
+  int pad_h, pad_w;
+  int stride_h, stride_w;
+  int dilation_h, dilation_w;
+};
+
+// Output size of a cross-correlation (the caller's P, Q must equal it; the launchers check).
+inline int conv_out_extent(int in, int filter, int pad, int stride, int dilation) {
+  return (in + 2 * pad - dilation * (filter - 1) - 1) / stride + 1;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fprop with the BN-apply + ReLU prologue, fp16 x / w / y / scale / shift, fp32 accumulation, sm80 mma.sync
+// (runs on sm80 and later, Hopper included: CUTLASS 2.x mainloop, no TMA / wgmma).
+// Takes: C % 8 == 0 and K % 8 == 0 (128-bit accesses), groups 1, any R, S, stride, padding, dilation
+// (one instantiation per tile shape; the iterator is CUTLASS's kOptimized one).
+
+bool fprop_bn_relu_f16_supports(const ConvShape& s);
+cudaError_t fprop_bn_relu_f16(const ConvShape& s, const void* x, const void* w, const void* scale,
+                              const void* shift, void* y, cudaStream_t stream);
+
+}  // namespace cuda_conv
+}  // namespace fused_resnet
