@@ -8,7 +8,9 @@ Each implementation declares the ops it provides (``PROVIDES``) and, for the con
 supports (``supports_conv``). A backend that does not provide an op falls back op by op:
   triton  BatchNorm: fused_resnet/kernels/batch_norm.py; convolutions: kernels/conv_fwd.py, conv_bwd.py
           (bf16, fp16, fp32 on CUDA, or on CPU tensors in Triton's interpreter)
-  cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below)
+  cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below), or "cuda" when asked
+          for (set_conv_impl / FUSED_RESNET_CONV=cuda): the compiled conv_fwd (ops/conv_compiled.py: CUTLASS
+          kernels on CUDA for the calls they take, "aten" for the others)
   cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten"
   eager   everything in fused_resnet/reference.py
 "aten" convolutions are ATen's (cuDNN on CUDA) with the backend's own BatchNorm kernels for the prologue and
@@ -17,9 +19,11 @@ the Triton convolutions do not take (float64, other devices).
 
 Which backend runs is fused_resnet.backends' business (explicit request, process-wide setting,
 FUSED_RESNET_BACKEND, automatic order). Here: given that backend, which convolution implementation runs for
-one convolution (``conv_choice``): Triton's fused kernels or "aten". On CUDA the choice is made per shape by
-measuring both once (like torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|aten|auto or
-``set_conv_impl`` overrides it. Nothing else in the package maps an op to a function.
+one convolution (``conv_choice``): Triton's fused kernels, the compiled "cuda" one, or "aten". On CUDA the
+choice is made per shape by measuring the candidates once (like torch.backends.cudnn.benchmark) and cached;
+FUSED_RESNET_CONV=triton|cuda|aten|auto or ``set_conv_impl`` overrides it. "cuda" (the CUTLASS kernels) is a
+candidate of the automatic choice only when CUDA_CONV_AUTO is set: they compile but have not yet been run on
+a GPU. Nothing else in the package maps an op to a function.
 """
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ PROVIDES = {
     "cpu": BN_OPS,
     "eager": BN_OPS + CONV_OPS,
 }
-CONV_IMPLS = ("triton", "aten")
+CONV_IMPLS = ("triton", "cuda", "aten")
+# Whether the automatic per-shape choice measures the compiled "cuda" convolutions. Off until their GPU
+# parity tests have passed (they have only been compile-checked); set_conv_impl("cuda") uses them regardless.
+CUDA_CONV_AUTO = False
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -76,6 +83,10 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether convolution implementation ``impl`` takes these inputs."""
     if impl == "aten":
         return True
+    if impl == "cuda":  # the CUTLASS kernels, on CUDA tensors only (CPU: only when asked for, conv_functions)
+        from .ops import conv_compiled
+        return (x.device.type == "cuda" and conv_compiled.cutlass_built() and x.dim() == 4
+                and x.dtype in conv_compiled.CUTLASS_DTYPES and weight.dtype == x.dtype)
     if impl != "triton":
         return False
     if x.dtype not in TRITON_CONV_DTYPES or weight.dtype != x.dtype or x.dim() != 4:
@@ -87,9 +98,10 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def conv_functions(impl: str, backend: str) -> SimpleNamespace:
-    """fwd / dgrad / wgrad of a convolution implementation ("triton" or "aten" with ``backend``'s BatchNorm
-    kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask
-    and backward reduction in its epilogue) where the implementation has it (None otherwise)."""
+    """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda", or "aten" with ``backend``'s
+    BatchNorm kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU
+    mask and backward reduction in its epilogue) where the implementation has it (None otherwise). "cuda" is
+    the compiled fwd (CUTLASS on CUDA, its C++ twin on CPU tensors) with "aten"'s dgrad and wgrad."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
@@ -99,6 +111,12 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         ref = importlib.import_module("fused_resnet.reference")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
+                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None)
+    if impl == "cuda":
+        ref = importlib.import_module("fused_resnet.reference")
+        compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
+        bn = _module(backend)
+        return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
                                wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None)
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 
@@ -113,8 +131,9 @@ _conv_cache: dict = {}
 
 
 def set_conv_impl(name: Optional[str]) -> None:
-    """Force the convolution implementation where it applies ("triton" or "aten"), or None / "auto": choose
-    per shape (measured on CUDA). "triton" still falls back to "aten" for inputs Triton's kernels do not take."""
+    """Force the convolution implementation where it applies ("triton", "cuda" or "aten"), or None / "auto":
+    choose per shape (measured on CUDA). "triton" and "cuda" still fall back to "aten" for inputs their
+    kernels do not take."""
     global _conv_override
     if name is not None and name != "auto" and name not in CONV_IMPLS:
         raise ValueError(f"unknown convolution implementation {name!r}; choose from auto, {', '.join(CONV_IMPLS)}")
@@ -140,16 +159,25 @@ def _heuristic(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
 
 def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
                 prologue: bool, kind: str, measure: Optional[Callable[[str], float]] = None) -> str:
-    """The convolution implementation for one convolution: "triton" (fused kernels) or "aten".
+    """The convolution implementation for one convolution: "triton" (fused kernels), "cuda" (compiled) or
+    "aten".
 
-    Triton's only with the triton backend and inputs its kernels take. Then: the override if any; under the
-    interpreter (CPU tests), Triton; on CUDA, the faster of the two by ``measure(impl) -> seconds``, measured
-    once per shape key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake
-    tensors) a cached choice or the heuristic."""
-    if backend != "triton" or not supports_conv("triton", x, weight):
-        return "aten"
+    Triton's only with the triton backend and inputs its kernels take; the compiled one with the triton or
+    cuda backend on CUDA tensors it takes (supports_conv). An override names one of these where it applies
+    ("aten" otherwise). Then: under the interpreter (CPU tests), Triton; on CUDA, the fastest candidate by
+    ``measure(impl) -> seconds``, measured once per shape key and cached ("cuda" a candidate only with
+    CUDA_CONV_AUTO). Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
+    cached choice or the heuristic."""
+    available = []
+    if backend == "triton" and supports_conv("triton", x, weight):
+        available.append("triton")
+    if backend in ("triton", "cuda") and supports_conv("cuda", x, weight):
+        available.append("cuda")
     if _conv_override is not None:
-        return _conv_override
+        return _conv_override if _conv_override in available else "aten"
+    candidates = [impl for impl in available if impl != "cuda" or CUDA_CONV_AUTO]
+    if not candidates:
+        return "aten"
     if x.device.type != "cuda":
         return "triton"
     key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind)
@@ -157,8 +185,8 @@ def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
     if choice is not None:
         return choice
     if measure is None:
-        return _heuristic(x, weight, groups)
-    times = {impl: measure(impl) for impl in CONV_IMPLS}
+        return _heuristic(x, weight, groups) if "triton" in candidates else "aten"
+    times = {impl: measure(impl) for impl in candidates + ["aten"]}
     choice = min(times, key=times.get)
     _conv_cache[key] = choice
     return choice
