@@ -173,7 +173,7 @@ def _extension():
         # One .cu per CUTLASS instantiation (csrc/cuda/conv/), so that MAX_JOBS compiles them in parallel.
         # -isystem: CUTLASS's own headers warn under -Wall; --expt-relaxed-constexpr: they call constexpr
         # host functions from host-device code.
-        sources += sorted(glob.glob("csrc/cuda/conv/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/conv/*.cu")) + sorted(glob.glob("csrc/cuda/conv/*.cpp"))
         defines.append("-DFUSED_RESNET_WITH_CUTLASS")
         nvcc_flags += ["-isystem", cutlass_inc, "--expt-relaxed-constexpr"]
     return CUDAExtension(

@@ -6,9 +6,10 @@
 #       of CUTLASS_ARCHS (default "sm_80 sm_90"), with the CUTLASS headers of the pinned nvidia-cutlass wheel
 #       (found by setup.py's cutlass_include()); skipped with a note when the wheel is missing, unless
 #       FUSED_RESNET_CUTLASS=1 (then an error); FUSED_RESNET_CUTLASS=0 skips it. Prints each file's time.
-#   (c) g++ -fsyntax-only every csrc/cuda/*.cpp (the torch bindings) against the CPU wheel's headers plus the
-#       CUDA toolkit's, with a stub for the one generated c10/cuda header the CPU wheel lacks; with
-#       -DFUSED_RESNET_WITH_CUTLASS when (b) ran, so the CUTLASS registrations are checked too.
+#   (c) g++ -fsyntax-only every csrc/cuda/*.cpp and csrc/cuda/conv/*.cpp (the torch bindings) against the CPU
+#       wheel's headers plus the CUDA toolkit's, with a stub for the one generated c10/cuda header the CPU
+#       wheel lacks, and -DFUSED_RESNET_WITH_CUTLASS: the CUTLASS bindings include only the torch-free
+#       launcher header, so they are checked whether or not (b) ran.
 # Exits non-zero when any file fails. Environment: CUDA_HOME (default /usr/local/cuda, or nvcc's parent
 # directory), NVCC, CXX (default g++), PYTHON (default python3), CUDA_ARCH (default sm_90), CUTLASS_ARCHS,
 # FUSED_RESNET_CUTLASS (auto|0|1, as for setup.py).
@@ -49,7 +50,7 @@ fi
 shopt -s nullglob
 CU_FILES=(csrc/cuda/*.cu)
 CONV_FILES=(csrc/cuda/conv/*.cu)
-CPP_FILES=(csrc/cuda/*.cpp)
+CPP_FILES=(csrc/cuda/*.cpp csrc/cuda/conv/*.cpp)
 shopt -u nullglob
 if (( ${#CU_FILES[@]} == 0 && ${#CPP_FILES[@]} == 0 )); then
   echo "check_cuda_compile: ERROR: no sources under csrc/cuda/" >&2
@@ -87,7 +88,6 @@ done
 # (b) The CUTLASS instantiations. CUTLASS's headers come in with -isystem (they warn under -Wall; our own
 # files keep -Werror) and need --expt-relaxed-constexpr (constexpr host functions called from host-device
 # code), as in setup.py.
-CUTLASS_DEFINE=()
 n_conv=0
 case "${CUTLASS_MODE}" in
   auto|1) ;;
@@ -116,7 +116,6 @@ print(why)
     echo "check_cuda_compile: note: CUTLASS convolutions NOT compiled: ${CUTLASS_WHY}"
   else
     echo "check_cuda_compile: ${CUTLASS_WHY}"
-    CUTLASS_DEFINE=(-DFUSED_RESNET_WITH_CUTLASS)
     for f in "${CONV_FILES[@]}"; do
       for arch in ${CUTLASS_ARCHS}; do
         flags=("${NVCC_FLAGS[@]}")
@@ -144,7 +143,7 @@ if (( ${#CPP_FILES[@]} > 0 )); then
   # The CPU wheel ships the c10/cuda headers but not this generated one.
   mkdir -p "${TMP}/stub/c10/cuda/impl"
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"${TMP}/stub/c10/cuda/impl/cuda_cmake_macros.h"
-  CXX_FLAGS=(-std=c++20 -fsyntax-only -Wall -DFUSED_RESNET_WITH_CUDA "${CUTLASS_DEFINE[@]}" -Icsrc
+  CXX_FLAGS=(-std=c++20 -fsyntax-only -Wall -DFUSED_RESNET_WITH_CUDA -DFUSED_RESNET_WITH_CUTLASS -Icsrc
     -I"${TORCH_DIR}/include" -I"${TORCH_DIR}/include/torch/csrc/api/include" -I"${CUDA_HOME}/include"
     -I"${PY_INC}" -I"${TMP}/stub")
   # Torch's own headers are included with -I (not -isystem); add -Werror only if they pass it.

@@ -1,0 +1,141 @@
+// CUDA registration of conv_fwd (contract: csrc/ops.cpp) on the CUTLASS instantiations of this folder,
+// through their torch-free launchers (conv_launch.h). Built only when setup.py builds the CUTLASS part
+// (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not this folder:
+// tensor-core code has no CPU emulation). Same argument checks as the CPU twin (common/conv_checks.h).
+//
+// What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only for these; any
+// other call is rejected here with a message, never computed differently):
+//   fp16 x and weight, groups 1, C % 8 == 0 and K % 8 == 0, the BN-apply + ReLU prologue (mean given,
+//   relu_in), no eval epilogue (bias / residual / relu_out). Statistics: bn_stats' CUDA kernels run on the
+//   stored y after the convolution (deterministic, the same (count, mean, m2) format), a second pass over y;
+//   the fused statistics epilogue is not written yet.
+// Prologue numerics: CUTLASS's transform computes relu(x * scale + shift) in fp16 (fma.rn.f16x2.relu) with
+// scale and shift rounded to fp16 here (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale);
+// the Triton kernels and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose
+// |mean * scale| is large against the normalised values, the fp16 shift loses digits: unmeasured on a GPU.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "common/conv_checks.h"
+#include "common/tensor_utils.h"
+#include "cuda/batch_norm_launch.h"
+#include "cuda/conv/conv_launch.h"
+
+#ifdef FUSED_RESNET_WITH_CUTLASS
+
+namespace fused_resnet {
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "fused_resnet: conv_fwd (CUDA): ", what, " = ", v,
+              " does not fit the CUTLASS kernels' 32-bit extents");
+  return static_cast<int>(v);
+}
+
+// A dense channels_last copy unless t already is one, with the 16-byte alignment of CUTLASS's 128-bit
+// accesses (a view with a storage offset may not have it).
+at::Tensor channels_last_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % 16 != 0) {
+    c = c.clone(at::MemoryFormat::ChannelsLast);
+  }
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                 const OptTensor& mean, const OptTensor& invstd,
+                                                 const OptTensor& bn_weight, const OptTensor& bn_bias,
+                                                 bool relu_in, const OptTensor& bias, const OptTensor& residual,
+                                                 bool relu_out, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, bool stats) {
+  check_conv_fwd_args(x, weight, mean, invstd, bn_weight, bn_bias, bias, residual, stride, padding, dilation,
+                      groups);
+  TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_fwd: x must be a CUDA tensor here, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && present(mean) && relu_in && !present(bias) &&
+                  !present(residual) && !relu_out,
+              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16, groups 1, the BN + ReLU prologue and no eval "
+              "epilogue; got ", x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ",
+              relu_in, ", eval epilogue ", present(bias) || present(residual) || relu_out,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  cuda_conv::ConvShape s{};
+  s.N = as_int(x.size(0), "N");
+  s.C = as_int(x.size(1), "C");
+  s.H = as_int(x.size(2), "H");
+  s.W = as_int(x.size(3), "W");
+  s.K = as_int(weight.size(0), "K");
+  s.R = as_int(weight.size(2), "R");
+  s.S = as_int(weight.size(3), "S");
+  s.pad_h = as_int(padding[0], "pad_h");
+  s.pad_w = as_int(padding[1], "pad_w");
+  s.stride_h = as_int(stride[0], "stride_h");
+  s.stride_w = as_int(stride[1], "stride_w");
+  s.dilation_h = as_int(dilation[0], "dilation_h");
+  s.dilation_w = as_int(dilation[1], "dilation_w");
+  s.P = cuda_conv::conv_out_extent(s.H, s.R, s.pad_h, s.stride_h, s.dilation_h);
+  s.Q = cuda_conv::conv_out_extent(s.W, s.S, s.pad_w, s.stride_w, s.dilation_w);
+  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: conv_fwd: empty output for input ", x.sizes(), " and weight ",
+              weight.sizes());
+  // Element offsets inside the kernels' tensors must fit int32 as well as the extents.
+  as_int(x.numel(), "x.numel()");
+  as_int(int64_t(s.N) * s.P * s.Q * s.K, "y.numel()");
+
+  const auto format = x.suggest_memory_format();
+  at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (s.N == 0 || s.K == 0) {  // an empty output: nothing to launch (an empty grid is a launch error)
+    return {y.contiguous(format), stats ? at::zeros({3, s.K}, y.options().dtype(at::kDouble))
+                                        : at::empty({0}, y.options().dtype(at::kDouble))};
+  }
+  TORCH_CHECK(s.C > 0, "fused_resnet: conv_fwd (CUDA, CUTLASS) needs at least one input channel");
+  TORCH_CHECK(cuda_conv::fprop_bn_relu_f16_supports(s),
+              "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+
+  // scale = bn_weight * invstd, shift = bn_bias - mean * scale, in fp32, then rounded once to the transform's fp16.
+  at::Tensor scale = invstd->to(at::kFloat);
+  if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
+  at::Tensor shift = -mean->to(at::kFloat) * scale;
+  if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
+  // Fresh allocations of the caching allocator: contiguous and aligned.
+  const at::Tensor scale_h = scale.to(at::kHalf).contiguous(), shift_h = shift.to(at::kHalf).contiguous();
+
+  const at::Tensor xc = channels_last_aligned(x), wc = channels_last_aligned(weight);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaError_t err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
+                                                       scale_h.const_data_ptr(), shift_h.const_data_ptr(),
+                                                       y.data_ptr(), stream);
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
+
+  at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble));
+  if (stats) {
+    const Layout l = layout_of(y);
+    const auto dt = cuda_bn::DType::kHalf;
+    const int64_t P = cuda_bn::stats_num_partials(l, dt);
+    s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
+    at::Tensor partials = P > 1 ? at::empty({P, 3, s.K}, y.options().dtype(at::kDouble)) : at::Tensor();
+    const cudaError_t e = cuda_bn::launch_bn_stats(y.const_data_ptr(), l, dt, P,
+                                                   partials.defined() ? partials.data_ptr<double>() : nullptr,
+                                                   s_out.data_ptr<double>(), stream);
+    TORCH_CHECK(e == cudaSuccess, "fused_resnet: conv_fwd statistics launch failed: ", cudaGetErrorString(e));
+  }
+  return {y.contiguous(format), s_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) { m.impl("conv_fwd", &conv_fwd_cuda); }
+
+}  // namespace fused_resnet
+
+#endif  // FUSED_RESNET_WITH_CUTLASS
