@@ -19,6 +19,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 namespace fused_resnet {
 namespace cuda_conv {
 
@@ -45,6 +47,25 @@ inline int conv_out_extent(int in, int filter, int pad, int stride, int dilation
 bool fprop_bn_relu_f16_supports(const ConvShape& s);
 cudaError_t fprop_bn_relu_f16(const ConvShape& s, const void* x, const void* w, const void* scale,
                               const void* shift, void* y, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
+// wgrad with the prologue recomputed: dw[k, r, s, c] = sum over (n, p, q) of dy[n, p, q, k] *
+// relu(x[n, h, w, c] * scale[c] + shift[c]) at the input position (h, w) of tap (r, s), i.e. the weight
+// gradient of a convolution whose input was relu(bn(x)), without that input ever being stored. The
+// transform is CUTLASS's wgrad mainloop fusion (example 26), applied to the activation operand (B) in
+// registers; padded taps are 0 by the same NaN-marker rule as fprop. fp16 dy / x / scale / shift, fp32
+// accumulation, fp32 dw (KRSC, the caller casts to the weight's dtype).
+// Split-K: split_k_slices >= 1 slices of the N*P*Q reduction, combined by CUTLASS's serial split-K: slice i
+// waits on a per-tile semaphore for slice i - 1 and adds its partial to dw in fp32, so the sum's order is
+// fixed (deterministic) for a given split_k_slices. The semaphores live in `workspace`
+// (wgrad_bn_relu_f16_workspace_size bytes, which the launcher zeroes on `stream`; nullptr when 0).
+// Takes: C % 8 == 0 and K % 8 == 0, groups 1, R, S <= 32.
+
+bool wgrad_bn_relu_f16_supports(const ConvShape& s, int split_k_slices);
+size_t wgrad_bn_relu_f16_workspace_size(const ConvShape& s, int split_k_slices);
+cudaError_t wgrad_bn_relu_f16(const ConvShape& s, int split_k_slices, const void* dy, const void* x,
+                              const void* scale, const void* shift, float* dw, void* workspace,
+                              cudaStream_t stream);
 
 }  // namespace cuda_conv
 }  // namespace fused_resnet

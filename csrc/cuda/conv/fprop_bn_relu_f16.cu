@@ -6,7 +6,7 @@
 #include "cutlass/conv/kernel/default_conv2d_fprop_fusion.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
-#include "cuda/conv/cutlass_fprop_fusion.cuh"
+#include "cuda/conv/cutlass_fusion.cuh"
 
 namespace fused_resnet {
 namespace cuda_conv {
