@@ -71,4 +71,10 @@ TORCH_LIBRARY(fused_resnet_C, m) {
       "conv_fwd(Tensor x, Tensor weight, Tensor? mean, Tensor? invstd, Tensor? bn_weight, Tensor? bn_bias, "
       "bool relu_in, Tensor? bias, Tensor? residual, bool relu_out, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool stats) -> (Tensor, Tensor)");
+  // conv_fwd's weight gradient, its input recomputed: dw = d/dw of sum(grad_out * conv2d(a, w)) with
+  // a = relu_in?(bn(x)) as in conv_fwd (mean None: a = x); shape weight_size, in x's dtype and suggested
+  // memory format. Deterministic on every implementation (no atomics; fixed summation order).
+  m.def(
+      "conv_wgrad(Tensor grad_out, Tensor x, int[] weight_size, Tensor? mean, Tensor? invstd, Tensor? bn_weight, "
+      "Tensor? bn_bias, bool relu_in, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
 }

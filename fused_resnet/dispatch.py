@@ -101,7 +101,7 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
     """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda", or "aten" with ``backend``'s
     BatchNorm kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU
     mask and backward reduction in its epilogue) where the implementation has it (None otherwise). "cuda" is
-    the compiled fwd (CUTLASS on CUDA, its C++ twin on CPU tensors) with "aten"'s dgrad and wgrad."""
+    the compiled fwd and wgrad (CUTLASS on CUDA, their C++ twins on CPU tensors) with "aten"'s dgrad."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
@@ -117,7 +117,7 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
-                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None)
+                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None)
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 
 

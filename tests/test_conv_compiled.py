@@ -131,6 +131,41 @@ def test_float64_is_exact_to_rounding():
     assert none is None and torch.equal(y2, y)
 
 
+def _wgrad_eager(t, grad, case, prologue):
+    """dw of sum(grad * conv2d(a, w)) in eager ops, a = the prologue's output in x's dtype (float64: reference)."""
+    *_, stride, padding, dilation, groups = CASES[case]
+    x = t["x"]
+    a = x
+    if prologue:
+        scale = t["invstd"] * t["bn_w"]
+        a = torch.relu((x.to(scale.dtype) - t["mean"][:, None, None]) * scale[:, None, None]
+                       + t["bn_b"][:, None, None]).to(x.dtype)
+    w = t["w"].detach().clone().requires_grad_()
+    (F.conv2d(a, w, None, stride, padding, dilation, groups) * grad).sum().backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu", "plain"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_wgrad_matches_float64(case, dtype, memory_format, prologue):
+    """conv_wgrad with the prologue recomputed, by the 2x-eager rule against float64; dw in x's memory format."""
+    if not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU convolution in {dtype}")
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, memory_format)
+    t64 = {k: v.double() for k, v in t.items()}
+    grad = _residual(t, case, dtype, memory_format)
+    ref = _wgrad_eager(t64, grad.double(), case, prologue)
+    eager = _wgrad_eager(t, grad, case, prologue)
+    p = (t["mean"], t["invstd"], t["bn_w"], t["bn_b"], True) if prologue else None
+    dw = dispatch.conv_functions("cuda", "cpu").wgrad(grad, t["x"], t["w"].shape, [stride] * 2, [padding] * 2,
+                                                      [dilation] * 2, groups, dtype, p)
+    assert dw.dtype == dtype and dw.shape == t["w"].shape and dw.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} dw", dw, eager, ref, dtype, FLOORS[dtype])
+
+
 def _op_args(t, case, prologue, eval_epilogue, residual, stats):
     *_, stride, padding, dilation, groups = CASES[case]
     return (t["x"], t["w"], *((t["mean"], t["invstd"], t["bn_w"], t["bn_b"]) if prologue else (None,) * 4), prologue,
@@ -147,6 +182,18 @@ def test_opcheck(case, variant):
     res = _residual(t, case, torch.float32, torch.channels_last) if eval_epilogue else None
     torch.library.opcheck(torch.ops.fused_resnet_C.conv_fwd.default,
                           _op_args(t, case, prologue, eval_epilogue, res, variant != "conv"))
+
+
+@pytest.mark.parametrize("case", ["3x3_s2_odd", "1x1", "3x3_groups"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu", "plain"])
+def test_opcheck_wgrad(case, prologue):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float32, torch.channels_last)
+    grad = _residual(t, case, torch.float32, torch.channels_last)
+    bn = (t["mean"], t["invstd"], t["bn_w"], t["bn_b"]) if prologue else (None,) * 4
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_wgrad.default,
+                          (grad, t["x"], list(t["w"].shape), *bn, prologue, [stride] * 2, [padding] * 2,
+                           [dilation] * 2, groups))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -55,4 +55,22 @@ inline void check_conv_fwd_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// conv_wgrad: grad_out of x's dtype and device, 4-D with weight_size[0] channels; the prologue as conv_fwd's.
+inline void check_conv_wgrad_args(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef weight_size,
+                                  const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& invstd,
+                                  const c10::optional<at::Tensor>& bn_weight,
+                                  const c10::optional<at::Tensor>& bn_bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(weight_size.size() == 4 && weight_size[0] >= 0 && weight_size[1] >= 0 && weight_size[2] >= 1 &&
+                  weight_size[3] >= 1,
+              "fused_resnet: conv_wgrad: weight_size must be (K, C / groups, R, S), got ", weight_size);
+  const at::Tensor weight_like = at::empty({1}, x.options()).expand(weight_size);
+  check_conv_fwd_args(x, weight_like, mean, invstd, bn_weight, bn_bias, c10::nullopt, c10::nullopt, stride, padding,
+                      dilation, groups);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight_size[0] &&
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+              "fused_resnet: conv_wgrad: grad_out must be a 4-D ", x.scalar_type(), " tensor [", x.size(0), ", ",
+              weight_size[0], ", P, Q] on ", x.device(), ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
+}
+
 }  // namespace fused_resnet

@@ -1,4 +1,4 @@
-// CPU implementation of conv_fwd (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
+// CPU implementations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
 // BatchNorm kernels (bn_act, bn_stats, csrc/cpu/batch_norm_cpu.cpp) around it, called through the
 // dispatcher. The prologue's output relu?(bn(x)) is materialised here. This is the twin of the CUDA
 // implementation (csrc/cuda/conv/, CUTLASS) that lets opcheck and the contract tests run without a GPU; the
@@ -58,8 +58,26 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::T
   return {y, s};
 }
 
+at::Tensor conv_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef weight_size,
+                          const OptTensor& mean, const OptTensor& invstd, const OptTensor& bn_weight,
+                          const OptTensor& bn_bias, bool relu_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  check_conv_wgrad_args(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, stride, padding, dilation,
+                        groups);
+  const at::Tensor a =
+      present(mean) ? call_bn_act(x, *mean, *invstd, bn_weight, bn_bias, c10::nullopt, relu_in) : x;
+  const at::Tensor weight_like = at::empty({1}, x.options()).expand(weight_size);  // only its shape is read
+  const at::Tensor dw = std::get<1>(at::convolution_backward(grad_out, a, weight_like, c10::nullopt, stride, padding,
+                                                             dilation, /*transposed=*/false, {0, 0}, groups,
+                                                             {false, true, false}));
+  return dw.contiguous(x.suggest_memory_format());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) { m.impl("conv_fwd", &conv_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
+  m.impl("conv_fwd", &conv_fwd_cpu);
+  m.impl("conv_wgrad", &conv_wgrad_cpu);
+}
 
 }  // namespace fused_resnet

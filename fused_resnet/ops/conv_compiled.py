@@ -10,8 +10,9 @@ the convolution implementation "cuda" of fused_resnet.dispatch:
                 BatchNorm kernels), so that opcheck and the contract tests run the compiled op without a GPU.
                 Never chosen automatically on CPU: only when asked for (dispatch.conv_functions("cuda", ...)).
 
-Backward has no compiled kernels yet: dgrad and wgrad (the prologue recomputed by the backend's BatchNorm
-kernels) are ATen's, as for "aten".
+Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
+fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU); dgrad has no
+compiled kernel yet and is ATen's, as for "aten".
 
 Status: the CUTLASS path compiles (scripts/check_cuda_compile.sh, sm_80 and sm_90) but has not run on a GPU:
 no parity or speed claim is made for it, and dispatch's automatic per-shape choice does not measure it
@@ -67,6 +68,27 @@ def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, 
     return y, (s if stats else None)
 
 
+def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilation, groups: int, dtype: torch.dtype,
+               prologue: Optional[tuple] = None, bn=None) -> Tensor:
+    """The weight gradient, its input recomputed from x through the prologue: the signature of
+    reference.conv_wgrad (``bn``: the BatchNorm kernels of the fallback on CUDA)."""
+    if x.device.type == "cuda" and not (cutlass_built() and grad_out.dtype == x.dtype
+                                        and cutlass_takes(x, torch.empty(weight_shape, dtype=x.dtype, device="meta"),
+                                                          groups, prologue, None, None, False)):
+        return reference.conv_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups, dtype,
+                                    prologue=prologue, bn=bn)
+    mean, invstd, bn_weight, bn_bias, relu_in = prologue if prologue is not None else (None, None, None, None, False)
+    dw = torch.ops.fused_resnet_C.conv_wgrad(grad_out.to(x.dtype), x, list(weight_shape), mean, invstd, bn_weight,
+                                             bn_bias, bool(relu_in), list(stride), list(padding), list(dilation),
+                                             groups)
+    return dw if dw.dtype == dtype else dw.to(dtype)
+
+
+def _fake_conv_wgrad(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, relu_in, stride, padding, dilation,
+                     groups):
+    return torch.empty(weight_size, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
 def _fake_conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, relu_in, bias, residual, relu_out, stride, padding,
                    dilation, groups, stats):
     ho, wo = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
@@ -77,5 +99,6 @@ def _fake_conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, relu_in, bias, r
 
 if backends.extension_loaded():
     torch.library.register_fake("fused_resnet_C::conv_fwd", _fake_conv_fwd)
+    torch.library.register_fake("fused_resnet_C::conv_wgrad", _fake_conv_wgrad)
 
-__all__ = ["conv_fwd", "cutlass_built", "cutlass_takes"]
+__all__ = ["conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes"]

@@ -1,4 +1,4 @@
-// CUDA registration of conv_fwd (contract: csrc/ops.cpp) on the CUTLASS instantiations of this folder,
+// CUDA registrations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp) on the CUTLASS instantiations of this folder,
 // through their torch-free launchers (conv_launch.h). Built only when setup.py builds the CUTLASS part
 // (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not this folder:
 // tensor-core code has no CPU emulation). Same argument checks as the CPU twin (common/conv_checks.h).
@@ -20,6 +20,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -52,6 +53,49 @@ at::Tensor channels_last_aligned(const at::Tensor& t) {
   return c;
 }
 
+// The launchers' shape of a convolution of x with a weight of weight_size (checked to fit their int32).
+cuda_conv::ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  cuda_conv::ConvShape s{};
+  s.N = as_int(x.size(0), "N");
+  s.C = as_int(x.size(1), "C");
+  s.H = as_int(x.size(2), "H");
+  s.W = as_int(x.size(3), "W");
+  s.K = as_int(weight_size[0], "K");
+  s.R = as_int(weight_size[2], "R");
+  s.S = as_int(weight_size[3], "S");
+  s.pad_h = as_int(padding[0], "pad_h");
+  s.pad_w = as_int(padding[1], "pad_w");
+  s.stride_h = as_int(stride[0], "stride_h");
+  s.stride_w = as_int(stride[1], "stride_w");
+  s.dilation_h = as_int(dilation[0], "dilation_h");
+  s.dilation_w = as_int(dilation[1], "dilation_w");
+  s.P = cuda_conv::conv_out_extent(s.H, s.R, s.pad_h, s.stride_h, s.dilation_h);
+  s.Q = cuda_conv::conv_out_extent(s.W, s.S, s.pad_w, s.stride_w, s.dilation_w);
+  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: empty convolution output for input ", x.sizes(), " and weight ",
+              weight_size);
+  // Element offsets inside the kernels' tensors must fit int32 as well as the extents.
+  as_int(x.numel(), "x.numel()");
+  as_int(int64_t(s.N) * s.P * s.Q * s.K, "y.numel()");
+  return s;
+}
+
+// The prologue as CUTLASS's transform takes it: relu(x * scale + shift), scale = bn_weight * invstd and
+// shift = bn_bias - mean * scale computed in fp32, then rounded once to the transform's fp16. Fresh
+// allocations of the caching allocator: contiguous and 16-byte aligned.
+struct PrologueVectors {
+  at::Tensor scale, shift;
+};
+
+PrologueVectors prologue_vectors(const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& bn_weight,
+                                 const OptTensor& bn_bias) {
+  at::Tensor scale = invstd.to(at::kFloat);
+  if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
+  at::Tensor shift = -mean.to(at::kFloat) * scale;
+  if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
+  return {scale.to(at::kHalf).contiguous(), shift.to(at::kHalf).contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                  const OptTensor& mean, const OptTensor& invstd,
                                                  const OptTensor& bn_weight, const OptTensor& bn_bias,
@@ -69,28 +113,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
               " (fused_resnet.dispatch sends other calls to another implementation)");
   const c10::cuda::CUDAGuard guard(x.device());
 
-  cuda_conv::ConvShape s{};
-  s.N = as_int(x.size(0), "N");
-  s.C = as_int(x.size(1), "C");
-  s.H = as_int(x.size(2), "H");
-  s.W = as_int(x.size(3), "W");
-  s.K = as_int(weight.size(0), "K");
-  s.R = as_int(weight.size(2), "R");
-  s.S = as_int(weight.size(3), "S");
-  s.pad_h = as_int(padding[0], "pad_h");
-  s.pad_w = as_int(padding[1], "pad_w");
-  s.stride_h = as_int(stride[0], "stride_h");
-  s.stride_w = as_int(stride[1], "stride_w");
-  s.dilation_h = as_int(dilation[0], "dilation_h");
-  s.dilation_w = as_int(dilation[1], "dilation_w");
-  s.P = cuda_conv::conv_out_extent(s.H, s.R, s.pad_h, s.stride_h, s.dilation_h);
-  s.Q = cuda_conv::conv_out_extent(s.W, s.S, s.pad_w, s.stride_w, s.dilation_w);
-  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: conv_fwd: empty output for input ", x.sizes(), " and weight ",
-              weight.sizes());
-  // Element offsets inside the kernels' tensors must fit int32 as well as the extents.
-  as_int(x.numel(), "x.numel()");
-  as_int(int64_t(s.N) * s.P * s.Q * s.K, "y.numel()");
-
+  const cuda_conv::ConvShape s = conv_shape(x, weight.sizes(), stride, padding, dilation);
   const auto format = x.suggest_memory_format();
   at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (s.N == 0 || s.K == 0) {  // an empty output: nothing to launch (an empty grid is a launch error)
@@ -102,18 +125,11 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
               "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
               "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
 
-  // scale = bn_weight * invstd, shift = bn_bias - mean * scale, in fp32, then rounded once to the transform's fp16.
-  at::Tensor scale = invstd->to(at::kFloat);
-  if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
-  at::Tensor shift = -mean->to(at::kFloat) * scale;
-  if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
-  // Fresh allocations of the caching allocator: contiguous and aligned.
-  const at::Tensor scale_h = scale.to(at::kHalf).contiguous(), shift_h = shift.to(at::kHalf).contiguous();
-
+  const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
   const at::Tensor xc = channels_last_aligned(x), wc = channels_last_aligned(weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
-                                                       scale_h.const_data_ptr(), shift_h.const_data_ptr(),
+                                                       v.scale.const_data_ptr(), v.shift.const_data_ptr(),
                                                        y.data_ptr(), stream);
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
 
@@ -132,9 +148,59 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   return {y.contiguous(format), s_out};
 }
 
+// Serial split-K slices of the wgrad reduction (N*P*Q): enough CTAs for a large GPU when the dw tile grid is
+// small (ResNet's deep layers: K and R*S*C of a few hundred, N*P*Q of tens of thousands), at least 1024 rows of
+// the reduction per slice. A function of the shape only, so dw is bitwise the same on every GPU model.
+int wgrad_split_k(const cuda_conv::ConvShape& s) {
+  const int64_t tiles = ((int64_t(s.K) + 127) / 128) * ((int64_t(s.R) * s.S * s.C + 127) / 128);
+  const int64_t rows = int64_t(s.N) * s.P * s.Q;
+  const int64_t want = (256 + tiles - 1) / tiles;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, 16, rows / 1024})));
+}
+
+at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef weight_size,
+                           const OptTensor& mean, const OptTensor& invstd, const OptTensor& bn_weight,
+                           const OptTensor& bn_bias, bool relu_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  check_conv_wgrad_args(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, stride, padding, dilation,
+                        groups);
+  TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_wgrad: x must be a CUDA tensor here, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && present(mean) && relu_in,
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) takes fp16, groups 1 and the BN + ReLU prologue; got ",
+              x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda_conv::ConvShape s = conv_shape(x, weight_size, stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(2) == s.P && grad_out.size(3) == s.Q, "fused_resnet: conv_wgrad: grad_out ",
+              grad_out.sizes(), " is not the output size of this convolution");
+  const auto format = x.suggest_memory_format();
+  at::Tensor dw = at::empty(weight_size, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (s.N == 0 || s.P == 0 || s.Q == 0) return dw.zero_().to(x.scalar_type()).contiguous(format);
+  if (s.K == 0 || s.C == 0) return dw.to(x.scalar_type()).contiguous(format);
+  const int split_k = wgrad_split_k(s);
+  TORCH_CHECK(cuda_conv::wgrad_bn_relu_f16_supports(s, split_k),
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", x.sizes(), ", weight ", weight_size);
+  const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+  const at::Tensor xc = channels_last_aligned(x), dyc = channels_last_aligned(grad_out);
+  const size_t workspace_bytes = cuda_conv::wgrad_bn_relu_f16_workspace_size(s, split_k);
+  at::Tensor workspace = workspace_bytes > 0
+                             ? at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte))
+                             : at::Tensor();
+  const cudaError_t err = cuda_conv::wgrad_bn_relu_f16(
+      s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
+      dw.data_ptr<float>(), workspace.defined() ? workspace.data_ptr() : nullptr,
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_wgrad failed: ", cudaGetErrorString(err));
+  return dw.to(x.scalar_type()).contiguous(format);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) { m.impl("conv_fwd", &conv_fwd_cuda); }
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
+  m.impl("conv_fwd", &conv_fwd_cuda);
+  m.impl("conv_wgrad", &conv_wgrad_cuda);
+}
 
 }  // namespace fused_resnet
 
