@@ -281,12 +281,19 @@ def test_dispatch_never_picks_cuda_on_cpu_or_automatically(monkeypatch):
     (dict(groups=2), False),
     (dict(prologue=False), False),           # CUTLASS's transform always applies the ReLU
     (dict(relu_in=False), False),
-    (dict(bias=True), False),                # eval epilogue not written yet
+    (dict(bias=True), False),                # prologue and eval epilogue together: not instantiated
+    (dict(prologue=False, bias=True), True),  # eval epilogue: bias + ReLU
+    (dict(prologue=False, bias=True, residual=True), True),
+    (dict(prologue=False, bias=True, relu=False), False),  # without its ReLU: not instantiated
+    (dict(prologue=False, bias=True, C=12), False),
 ])
 def test_cutlass_takes(args, takes):
-    a = dict(dtype=torch.float16, C=16, K=24, groups=1, prologue=True, relu_in=True, bias=False) | args
+    a = dict(dtype=torch.float16, C=16, K=24, groups=1, prologue=True, relu_in=True, bias=False, residual=False,
+             relu=None) | args
     x = torch.empty(2, a["C"], 5, 5, dtype=a["dtype"])
     w = torch.empty(a["K"], a["C"] // a["groups"], 3, 3, dtype=a["dtype"])
     p = (None, None, None, None, a["relu_in"]) if a["prologue"] else None
     bias = torch.empty(a["K"]) if a["bias"] else None
-    assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, None, bias is not None) == takes
+    residual = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"]) if a["residual"] else None
+    relu = a["bias"] if a["relu"] is None else a["relu"]
+    assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, residual, relu) == takes

@@ -2,8 +2,9 @@
 the convolution implementation "cuda" of fused_resnet.dispatch:
 
   CUDA tensors  CUTLASS kernels (csrc/cuda/conv/), when the extension was built with them (``cutlass_built``)
-                and the call is one they take (``cutlass_takes``: fp16, groups 1, C and K multiples of 8, the
-                BN-apply + ReLU prologue, the statistics epilogue); every other call takes the "aten" path
+                and the call is one they take (``cutlass_takes``: fp16, groups 1, C and K multiples of 8, and
+                the BN-apply + ReLU prologue, or the eval epilogue bias (+ residual) + ReLU); every other call
+                takes the "aten" path
                 (reference.conv_fwd with the backend's BatchNorm kernels), so the choice of "cuda" is safe
                 for any convolution.
   CPU tensors   the C++ twin of the same schema (csrc/cpu/conv_cpu.cpp: ATen's convolution around the C++
@@ -45,11 +46,15 @@ def cutlass_built() -> bool:
 
 def cutlass_takes(x: Tensor, weight: Tensor, groups: int, prologue: Optional[tuple], bias: Optional[Tensor],
                   residual: Optional[Tensor], relu: bool) -> bool:
-    """Whether the CUDA registration of conv_fwd (csrc/cuda/conv/conv_cuda_ops.cpp) takes this call: its
-    checks, restated (it rejects anything else with an error, never computing it differently)."""
-    return (x.dtype in CUTLASS_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and groups == 1
-            and x.shape[1] > 0 and x.shape[1] % CUTLASS_ALIGNMENT == 0 and weight.shape[0] % CUTLASS_ALIGNMENT == 0
-            and prologue is not None and bool(prologue[4]) and bias is None and residual is None and not relu)
+    """Whether the CUDA registrations of conv_fwd / conv_wgrad (csrc/cuda/conv/conv_cuda_ops.cpp) take this
+    call: their checks, restated (they reject anything else with an error, never computing it differently).
+    conv_wgrad is asked with bias=None, relu=False: it needs the prologue."""
+    shape_ok = (x.dtype in CUTLASS_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and groups == 1
+                and x.shape[1] > 0 and x.shape[1] % CUTLASS_ALIGNMENT == 0
+                and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+    bn_relu_prologue = prologue is not None and bool(prologue[4]) and bias is None and residual is None and not relu
+    eval_epilogue = prologue is None and bias is not None and relu
+    return shape_ok and (bn_relu_prologue or eval_epilogue)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, prologue: Optional[tuple] = None,

@@ -1,14 +1,17 @@
-// CUDA registrations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp) on the CUTLASS instantiations of this folder,
-// through their torch-free launchers (conv_launch.h). Built only when setup.py builds the CUTLASS part
-// (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not this folder:
-// tensor-core code has no CPU emulation). Same argument checks as the CPU twin (common/conv_checks.h).
+// CUDA registrations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp) on the CUTLASS instantiations of
+// this folder, through their torch-free launchers (conv_launch.h). Built only when setup.py builds the
+// CUTLASS part (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not
+// this folder: tensor-core code has no CPU emulation). Same argument checks as the CPU twin
+// (common/conv_checks.h).
 //
-// What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only for these; any
-// other call is rejected here with a message, never computed differently):
-//   fp16 x and weight, groups 1, C % 8 == 0 and K % 8 == 0, the BN-apply + ReLU prologue (mean given,
-//   relu_in), no eval epilogue (bias / residual / relu_out). Statistics: bn_stats' CUDA kernels run on the
-//   stored y after the convolution (deterministic, the same (count, mean, m2) format), a second pass over y;
-//   the fused statistics epilogue is not written yet.
+// What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only these calls;
+// any other is rejected here with a message, never computed differently): fp16 x and weight, groups 1,
+// C % 8 == 0 and K % 8 == 0, and
+//   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
+//               eval epilogue bias (+ residual) + ReLU without a prologue;
+//   conv_wgrad  the BN-apply + ReLU prologue, recomputed.
+// Statistics: bn_stats' CUDA kernels run on the stored y after the convolution (deterministic, the same
+// (count, mean, m2) format), a second pass over y; the fused statistics epilogue is not written yet.
 // Prologue numerics: CUTLASS's transform computes relu(x * scale + shift) in fp16 (fma.rn.f16x2.relu) with
 // scale and shift rounded to fp16 here (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale);
 // the Triton kernels and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose
@@ -105,11 +108,14 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   check_conv_fwd_args(x, weight, mean, invstd, bn_weight, bn_bias, bias, residual, stride, padding, dilation,
                       groups);
   TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_fwd: x must be a CUDA tensor here, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && present(mean) && relu_in && !present(bias) &&
-                  !present(residual) && !relu_out,
-              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16, groups 1, the BN + ReLU prologue and no eval "
-              "epilogue; got ", x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ",
-              relu_in, ", eval epilogue ", present(bias) || present(residual) || relu_out,
+  // The two instantiated variants: the training prologue, or the eval epilogue with its ReLU.
+  const bool bn_relu_prologue = present(mean) && relu_in && !present(bias) && !present(residual) && !relu_out;
+  const bool eval_epilogue = !present(mean) && present(bias) && relu_out;
+  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && (bn_relu_prologue || eval_epilogue),
+              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16, groups 1, and either the BN + ReLU prologue "
+              "without an eval epilogue or bias (+ residual) + ReLU without a prologue; got ", x.scalar_type(),
+              ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in, ", bias ", present(bias),
+              ", residual ", present(residual), ", relu_out ", relu_out,
               " (fused_resnet.dispatch sends other calls to another implementation)");
   const c10::cuda::CUDAGuard guard(x.device());
 
@@ -121,16 +127,27 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
                                         : at::empty({0}, y.options().dtype(at::kDouble))};
   }
   TORCH_CHECK(s.C > 0, "fused_resnet: conv_fwd (CUDA, CUTLASS) needs at least one input channel");
-  TORCH_CHECK(cuda_conv::fprop_bn_relu_f16_supports(s),
-              "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-              "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
-
-  const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
   const at::Tensor xc = channels_last_aligned(x), wc = channels_last_aligned(weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cudaError_t err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
-                                                       v.scale.const_data_ptr(), v.shift.const_data_ptr(),
-                                                       y.data_ptr(), stream);
+  cudaError_t err = cudaSuccess;
+  if (bn_relu_prologue) {
+    TORCH_CHECK(cuda_conv::fprop_bn_relu_f16_supports(s),
+                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+    const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+    err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(),
+                                       v.shift.const_data_ptr(), y.data_ptr(), stream);
+  } else {
+    TORCH_CHECK(cuda_conv::fprop_bias_residual_relu_f16_supports(s),
+                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+    if (present(residual)) check_like(*residual, y, "residual");
+    // The broadcast epilogue always reads a residual: zeros stand in for an absent one (an extra read of y's size).
+    const at::Tensor r = present(residual) ? channels_last_aligned(*residual) : at::zeros_like(y);
+    const at::Tensor b = bias->to(at::kFloat).contiguous();
+    err = cuda_conv::fprop_bias_residual_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
+                                                  b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(), stream);
+  }
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
 
   at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble));

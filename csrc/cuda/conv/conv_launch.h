@@ -49,6 +49,18 @@ cudaError_t fprop_bn_relu_f16(const ConvShape& s, const void* x, const void* w, 
                               const void* shift, void* y, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
+// fprop with the eval epilogue (a BatchNorm folded into w and bias, no prologue):
+// y = relu(conv2d(x, w) + bias[k] + residual). fp16 x / w / residual / y, fp32 bias [K], fp32 accumulation and
+// epilogue arithmetic, one rounding to fp16. CUTLASS's fprop with a broadcast epilogue
+// (default_conv2d_fprop_with_broadcast.h, LinearCombinationResidualBlock: ReLU(acc + bias + residual)).
+// residual is required (NPQK, y's shape): that epilogue always reads its source, so a call without a residual
+// passes zeros. Takes: C % 8 == 0 and K % 8 == 0, groups 1, R, S <= 32.
+
+bool fprop_bias_residual_relu_f16_supports(const ConvShape& s);
+cudaError_t fprop_bias_residual_relu_f16(const ConvShape& s, const void* x, const void* w, const float* bias,
+                                         const void* residual, void* y, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
 // wgrad with the prologue recomputed: dw[k, r, s, c] = sum over (n, p, q) of dy[n, p, q, k] *
 // relu(x[n, h, w, c] * scale[c] + shift[c]) at the input position (h, w) of tap (r, s), i.e. the weight
 // gradient of a convolution whose input was relu(bn(x)), without that input ever being stored. The
