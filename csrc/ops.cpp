@@ -77,4 +77,9 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "conv_wgrad(Tensor grad_out, Tensor x, int[] weight_size, Tensor? mean, Tensor? invstd, Tensor? bn_weight, "
       "Tensor? bn_bias, bool relu_in, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  // conv_fwd's input gradient (of the convolution's input a): dx of shape input_size, in grad_out's dtype and
+  // suggested memory format.
+  m.def(
+      "conv_dgrad(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
 }

@@ -9,8 +9,8 @@ supports (``supports_conv``). A backend that does not provide an op falls back o
   triton  BatchNorm: fused_resnet/kernels/batch_norm.py; convolutions: kernels/conv_fwd.py, conv_bwd.py
           (bf16, fp16, fp32 on CUDA, or on CPU tensors in Triton's interpreter)
   cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below), or "cuda" when asked
-          for (set_conv_impl / FUSED_RESNET_CONV=cuda): the compiled conv_fwd (ops/conv_compiled.py: CUTLASS
-          kernels on CUDA for the calls they take, "aten" for the others)
+          for (set_conv_impl / FUSED_RESNET_CONV=cuda): the compiled conv_fwd / dgrad / wgrad
+          (ops/conv_compiled.py: CUTLASS kernels on CUDA for the calls they take, "aten" for the others)
   cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten"
   eager   everything in fused_resnet/reference.py
 "aten" convolutions are ATen's (cuDNN on CUDA) with the backend's own BatchNorm kernels for the prologue and
@@ -101,7 +101,7 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
     """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda", or "aten" with ``backend``'s
     BatchNorm kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU
     mask and backward reduction in its epilogue) where the implementation has it (None otherwise). "cuda" is
-    the compiled fwd and wgrad (CUTLASS on CUDA, their C++ twins on CPU tensors) with "aten"'s dgrad."""
+    the compiled fwd, dgrad and wgrad (CUTLASS on CUDA, their C++ twins on CPU tensors)."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
@@ -116,7 +116,7 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         ref = importlib.import_module("fused_resnet.reference")
         compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
         bn = _module(backend)
-        return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
+        return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=compiled.conv_dgrad,
                                wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None)
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 

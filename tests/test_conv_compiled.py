@@ -166,6 +166,29 @@ def test_cpu_twin_wgrad_matches_float64(case, dtype, memory_format, prologue):
     assert_2x_eager(f"{case} dw", dw, eager, ref, dtype, FLOORS[dtype])
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_dgrad_matches_float64(case, dtype, memory_format):
+    """conv_dgrad by the 2x-eager rule against float64; dx in grad_out's memory format."""
+    if not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU convolution in {dtype}")
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, memory_format)
+    grad = _residual(t, case, dtype, memory_format)
+
+    def eager(x, w, g):
+        x = x.detach().clone().requires_grad_()
+        (F.conv2d(x, w, None, stride, padding, dilation, groups) * g).sum().backward()
+        return x.grad
+
+    ref = eager(t["x"].double(), t["w"].double(), grad.double())
+    dx = dispatch.conv_functions("cuda", "cpu").dgrad(grad, t["w"], t["x"].shape, [stride] * 2, [padding] * 2,
+                                                      [dilation] * 2, groups, dtype, memory_format)
+    assert dx.dtype == dtype and dx.shape == t["x"].shape and dx.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} dx", dx, eager(t["x"], t["w"], grad), ref, dtype, FLOORS[dtype])
+
+
 def _op_args(t, case, prologue, eval_epilogue, residual, stats):
     *_, stride, padding, dilation, groups = CASES[case]
     return (t["x"], t["w"], *((t["mean"], t["invstd"], t["bn_w"], t["bn_b"]) if prologue else (None,) * 4), prologue,
@@ -194,6 +217,30 @@ def test_opcheck_wgrad(case, prologue):
     torch.library.opcheck(torch.ops.fused_resnet_C.conv_wgrad.default,
                           (grad, t["x"], list(t["w"].shape), *bn, prologue, [stride] * 2, [padding] * 2,
                            [dilation] * 2, groups))
+
+
+@pytest.mark.parametrize("case", ["3x3_s2_odd", "1x1", "3x3_groups", "3x3_dil2"])
+def test_opcheck_dgrad(case):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float32, torch.channels_last)
+    grad = _residual(t, case, torch.float32, torch.channels_last)
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_dgrad.default,
+                          (grad, t["w"], list(t["x"].shape), [stride] * 2, [padding] * 2, [dilation] * 2, groups))
+
+
+@pytest.mark.parametrize("args, takes", [
+    (dict(), True),
+    (dict(dtype=torch.bfloat16), False),
+    (dict(dilation=(2, 2)), False),   # CUTLASS's strided dgrad takes no dilation
+    (dict(groups=2), False),
+    (dict(C=12), False),
+    (dict(K=20), False),
+])
+def test_cutlass_takes_dgrad(args, takes):
+    a = dict(dtype=torch.float16, C=16, K=24, groups=1, dilation=(1, 1)) | args
+    g = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"])
+    w = torch.empty(a["K"], a["C"] // a["groups"], 3, 3, dtype=a["dtype"])
+    assert conv_compiled.cutlass_takes_dgrad(g, w, (2, a["C"], 5, 5), a["dilation"], a["groups"]) == takes
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -253,8 +300,10 @@ def test_extension_reports_the_cutlass_build():
     assert conv_compiled.cutlass_built() == ext.WITH_CUTLASS
     if not ext.WITH_CUDA:
         assert not ext.WITH_CUTLASS  # the CUTLASS convolutions are part of the CUDA build
-    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet_C::conv_fwd", "CUDA")
-    assert has_cuda_kernel == ext.WITH_CUTLASS
+    for op in ("conv_fwd", "conv_wgrad", "conv_dgrad"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet_C::{op}", "CUDA") == ext.WITH_CUTLASS
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet_C::{op}", "CPU")
+    assert backends.build_info()["extension_cutlass_convolutions"] == ext.WITH_CUTLASS
 
 
 def test_dispatch_never_picks_cuda_on_cpu_or_automatically(monkeypatch):

@@ -73,4 +73,19 @@ inline void check_conv_wgrad_args(const at::Tensor& grad_out, const at::Tensor& 
               weight_size[0], ", P, Q] on ", x.device(), ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
 }
 
+// conv_dgrad: weight of grad_out's dtype and device with grad_out.size(1) filters; input_size (N, C, H, W).
+inline void check_conv_dgrad_args(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  TORCH_CHECK(input_size.size() == 4 && input_size[0] >= 0 && input_size[1] >= 0 && input_size[2] >= 0 &&
+                  input_size[3] >= 0,
+              "fused_resnet: conv_dgrad: input_size must be (N, C, H, W), got ", input_size);
+  const at::Tensor x_like = at::empty({1}, grad_out.options()).expand(input_size);
+  check_conv_fwd_args(x_like, weight, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt,
+                      c10::nullopt, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input_size[0] && grad_out.size(1) == weight.size(0),
+              "fused_resnet: conv_dgrad: grad_out must be 4-D [", input_size[0], ", ", weight.size(0),
+              ", P, Q], got ", grad_out.sizes());
+}
+
 }  // namespace fused_resnet

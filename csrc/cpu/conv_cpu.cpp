@@ -1,4 +1,4 @@
-// CPU implementations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
+// CPU implementations of conv_fwd, conv_wgrad and conv_dgrad (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
 // BatchNorm kernels (bn_act, bn_stats, csrc/cpu/batch_norm_cpu.cpp) around it, called through the
 // dispatcher. The prologue's output relu?(bn(x)) is materialised here. This is the twin of the CUDA
 // implementation (csrc/cuda/conv/, CUTLASS) that lets opcheck and the contract tests run without a GPU; the
@@ -73,11 +73,22 @@ at::Tensor conv_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::I
   return dw.contiguous(x.suggest_memory_format());
 }
 
+at::Tensor conv_dgrad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_dgrad_args(grad_out, weight, input_size, stride, padding, dilation, groups);
+  const at::Tensor x_like = at::empty({1}, grad_out.options()).expand(input_size);  // only its shape is read
+  const at::Tensor dx = std::get<0>(at::convolution_backward(grad_out, x_like, weight, c10::nullopt, stride, padding,
+                                                             dilation, /*transposed=*/false, {0, 0}, groups,
+                                                             {true, false, false}));
+  return dx.contiguous(grad_out.suggest_memory_format());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
   m.impl("conv_fwd", &conv_fwd_cpu);
   m.impl("conv_wgrad", &conv_wgrad_cpu);
+  m.impl("conv_dgrad", &conv_dgrad_cpu);
 }
 
 }  // namespace fused_resnet

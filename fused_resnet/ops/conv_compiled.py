@@ -12,8 +12,9 @@ the convolution implementation "cuda" of fused_resnet.dispatch:
                 Never chosen automatically on CPU: only when asked for (dispatch.conv_functions("cuda", ...)).
 
 Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
-fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU); dgrad has no
-compiled kernel yet and is ATen's, as for "aten".
+fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
+``conv_dgrad`` (CUTLASS's strided dgrad; no ReLU-mask / BN-backward-reduce epilogue yet, so dgrad_bn is None
+and the BatchNorm's backward runs after it).
 
 Status: the CUTLASS path compiles (scripts/check_cuda_compile.sh, sm_80 and sm_90) but has not run on a GPU:
 no parity or speed claim is made for it, and dispatch's automatic per-shape choice does not measure it
@@ -89,6 +90,31 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     return dw if dw.dtype == dtype else dw.to(dtype)
 
 
+def cutlass_takes_dgrad(grad_out: Tensor, weight: Tensor, input_shape, dilation, groups: int) -> bool:
+    """Whether the CUDA registration of conv_dgrad takes this call (fp16, groups 1, dilation 1, C and K
+    multiples of 8), restated from csrc/cuda/conv/conv_cuda_ops.cpp."""
+    return (grad_out.dtype in CUTLASS_DTYPES and weight.dtype == grad_out.dtype and groups == 1
+            and tuple(dilation) == (1, 1) and len(input_shape) == 4 and input_shape[1] > 0
+            and input_shape[1] % CUTLASS_ALIGNMENT == 0 and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+
+
+def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
+               dtype: torch.dtype, memory_format=torch.channels_last) -> Tensor:
+    """The input gradient: the signature of reference.conv_dgrad."""
+    if grad_out.device.type == "cuda" and not (cutlass_built() and cutlass_takes_dgrad(grad_out, weight, input_shape,
+                                                                                       dilation, groups)):
+        return reference.conv_dgrad(grad_out, weight, input_shape, stride, padding, dilation, groups, dtype,
+                                    memory_format)
+    dx = torch.ops.fused_resnet_C.conv_dgrad(grad_out.to(weight.dtype), weight, list(input_shape), list(stride),
+                                             list(padding), list(dilation), groups)
+    return dx.to(dtype).contiguous(memory_format=memory_format)
+
+
+def _fake_conv_dgrad(grad_out, weight, input_size, stride, padding, dilation, groups):
+    return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=suggest_memory_format(grad_out))
+
+
 def _fake_conv_wgrad(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, relu_in, stride, padding, dilation,
                      groups):
     return torch.empty(weight_size, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
@@ -105,5 +131,6 @@ def _fake_conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, relu_in, bias, r
 if backends.extension_loaded():
     torch.library.register_fake("fused_resnet_C::conv_fwd", _fake_conv_fwd)
     torch.library.register_fake("fused_resnet_C::conv_wgrad", _fake_conv_wgrad)
+    torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)
 
-__all__ = ["conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes"]
+__all__ = ["conv_dgrad", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad"]

@@ -1,5 +1,5 @@
-// CUDA registrations of conv_fwd and conv_wgrad (contract: csrc/ops.cpp) on the CUTLASS instantiations of
-// this folder, through their torch-free launchers (conv_launch.h). Built only when setup.py builds the
+// CUDA registrations of conv_fwd, conv_wgrad and conv_dgrad (contract: csrc/ops.cpp) on the CUTLASS
+// instantiations of this folder, through their torch-free launchers (conv_launch.h). Built only when setup.py builds the
 // CUTLASS part (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not
 // this folder: tensor-core code has no CPU emulation). Same argument checks as the CPU twin
 // (common/conv_checks.h).
@@ -9,7 +9,8 @@
 // C % 8 == 0 and K % 8 == 0, and
 //   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
 //               eval epilogue bias (+ residual) + ReLU without a prologue;
-//   conv_wgrad  the BN-apply + ReLU prologue, recomputed.
+//   conv_wgrad  the BN-apply + ReLU prologue, recomputed;
+//   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation).
 // Statistics: bn_stats' CUDA kernels run on the stored y after the convolution (deterministic, the same
 // (count, mean, m2) format), a second pass over y; the fused statistics epilogue is not written yet.
 // Prologue numerics: CUTLASS's transform computes relu(x * scale + shift) in fp16 (fma.rn.f16x2.relu) with
@@ -212,11 +213,42 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   return dw.to(x.scalar_type()).contiguous(format);
 }
 
+at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  check_conv_dgrad_args(grad_out, weight, input_size, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_out.is_cuda(), "fused_resnet: conv_dgrad: grad_out must be a CUDA tensor here, got one on ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == at::kHalf && weight.scalar_type() == at::kHalf && groups == 1 &&
+                  dilation[0] == 1 && dilation[1] == 1,
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) takes fp16, groups 1 and dilation 1; got ",
+              grad_out.scalar_type(), ", groups ", groups, ", dilation ", dilation,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::Tensor x_like = at::empty({1}, grad_out.options()).expand(input_size);
+  const cuda_conv::ConvShape s = conv_shape(x_like, weight.sizes(), stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(2) == s.P && grad_out.size(3) == s.Q, "fused_resnet: conv_dgrad: grad_out ",
+              grad_out.sizes(), " is not the output size of this convolution");
+  const auto format = grad_out.suggest_memory_format();
+  at::Tensor dx = at::empty(input_size, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dx.numel() == 0) return dx.contiguous(format);
+  if (s.K == 0) return dx.zero_().contiguous(format);
+  TORCH_CHECK(cuda_conv::dgrad_f16_supports(s),
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", input_size, ", weight ", weight.sizes());
+  const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight);
+  const cudaError_t err = cuda_conv::dgrad_f16(s, dyc.const_data_ptr(), wc.const_data_ptr(), dx.data_ptr(),
+                                               c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_dgrad failed: ", cudaGetErrorString(err));
+  return dx.contiguous(format);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("conv_fwd", &conv_fwd_cuda);
   m.impl("conv_wgrad", &conv_wgrad_cuda);
+  m.impl("conv_dgrad", &conv_dgrad_cuda);
 }
 
 }  // namespace fused_resnet

@@ -79,5 +79,16 @@ cudaError_t wgrad_bn_relu_f16(const ConvShape& s, int split_k_slices, const void
                               const void* scale, const void* shift, float* dw, void* workspace,
                               cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------------
+// dgrad: dx[n, h, w, c] = sum over (k, r, s) of dy[n, p, q, k] * w[k, r, s, c] over the (p, q, r, s) with
+// h = p * stride_h - pad_h + r and w likewise: the input gradient of the convolution. fp16 dy (NPQK), w (KRSC)
+// and dx (NHWC), fp32 accumulation, one rounding. CUTLASS's strided dgrad (kStrided, one CTA per phase of
+// the stride), which takes stride 1 too; every dx element is written once (phases without a filter tap,
+// stride > filter, store their zero accumulators: to be confirmed by the GPU parity tests, 1x1 stride 2).
+// Takes: C % 8 == 0 and K % 8 == 0, groups 1, dilation 1, R, S <= 32.
+
+bool dgrad_f16_supports(const ConvShape& s);
+cudaError_t dgrad_f16(const ConvShape& s, const void* dy, const void* w, void* dx, cudaStream_t stream);
+
 }  // namespace cuda_conv
 }  // namespace fused_resnet
