@@ -11,7 +11,8 @@ supports (``supports_conv``). A backend that does not provide an op falls back o
   cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below), or "cuda" when asked
           for (set_conv_impl / FUSED_RESNET_CONV=cuda): the compiled conv_fwd / dgrad / wgrad
           (ops/conv_compiled.py: CUTLASS kernels on CUDA for the calls they take, "aten" for the others)
-  cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten"
+  cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten", or "gemm" (conv_gemm.py: one
+          im2col + GEMM) on the small maps where it is measured faster
   eager   everything in fused_resnet/reference.py
 "aten" convolutions are ATen's (cuDNN on CUDA) with the backend's own BatchNorm kernels for the prologue and
 the statistics (reference.conv_* with ``bn=`` that backend): today's path, and the fallback for every input
@@ -19,11 +20,12 @@ the Triton convolutions do not take (float64, other devices).
 
 Which backend runs is fused_resnet.backends' business (explicit request, process-wide setting,
 FUSED_RESNET_BACKEND, automatic order). Here: given that backend, which convolution implementation runs for
-one convolution (``conv_choice``): Triton's fused kernels, the compiled "cuda" one, or "aten". On CUDA the
-choice is made per shape by measuring the candidates once (like torch.backends.cudnn.benchmark) and cached;
-FUSED_RESNET_CONV=triton|cuda|aten|auto or ``set_conv_impl`` overrides it. "cuda" (the CUTLASS kernels) is a
-candidate of the automatic choice only when CUDA_CONV_AUTO is set: they compile but have not yet been run on
-a GPU. Nothing else in the package maps an op to a function.
+one convolution (``conv_choice``): on the triton backend Triton's fused kernels or "aten", on the cpu backend
+"aten" or "gemm". Where there are two, the choice is made per shape by measuring both once (like
+torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|cuda|aten|gemm|auto or ``set_conv_impl``
+overrides it. The compiled "cuda" convolutions (CUTLASS, on the triton and cuda backends) are a candidate of
+the measured choice only when CUDA_CONV_AUTO is set: they compile but have not yet been run on a GPU.
+Nothing else in the package maps an op to a function.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backends
+from . import backends, conv_gemm
 
 BN_OPS = ("bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt")
 CONV_OPS = ("conv_fwd", "conv_dgrad", "conv_wgrad")
@@ -45,9 +47,9 @@ PROVIDES = {
     "cpu": BN_OPS,
     "eager": BN_OPS + CONV_OPS,
 }
-CONV_IMPLS = ("triton", "cuda", "aten")
-# Whether the automatic per-shape choice measures the compiled "cuda" convolutions. Off until their GPU
-# parity tests have passed (they have only been compile-checked); set_conv_impl("cuda") uses them regardless.
+CONV_IMPLS = ("triton", "cuda", "aten", "gemm")
+# Whether the measured per-shape choice includes the compiled "cuda" convolutions. Off until their GPU parity
+# tests have passed (they have only been compile-checked); set_conv_impl("cuda") uses them regardless.
 CUDA_CONV_AUTO = False
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,26 +100,32 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def conv_functions(impl: str, backend: str) -> SimpleNamespace:
-    """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda", or "aten" with ``backend``'s
-    BatchNorm kernels for its prologue and statistics), and dgrad_bn (dgrad with the prologue BatchNorm's ReLU
-    mask and backward reduction in its epilogue) where the implementation has it (None otherwise). "cuda" is
-    the compiled fwd, dgrad and wgrad (CUTLASS on CUDA, their C++ twins on CPU tensors)."""
+    """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda": the compiled ones, CUTLASS on
+    CUDA and their C++ twins on CPU tensors, "gemm", or "aten" with ``backend``'s BatchNorm kernels for its
+    prologue and statistics); dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask and
+    backward reduction in its epilogue) and backward (dgrad and wgrad from one call) where the implementation
+    has them (None otherwise)."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
         return SimpleNamespace(fwd=fwd.conv_fwd, dgrad=bwd.conv_dgrad, wgrad=bwd.conv_wgrad,
-                               dgrad_bn=bwd.conv_dgrad_bn)
+                               dgrad_bn=bwd.conv_dgrad_bn, backward=None)
     if impl == "aten":
         ref = importlib.import_module("fused_resnet.reference")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
-                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None)
+                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None,
+                               backward=functools.partial(ref.conv_backward, bn=bn))
     if impl == "cuda":
-        ref = importlib.import_module("fused_resnet.reference")
         compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=compiled.conv_dgrad,
-                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None)
+                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None, backward=None)
+    if impl == "gemm":
+        bn = _module(backend)
+        return SimpleNamespace(fwd=functools.partial(conv_gemm.conv_fwd, bn=bn), dgrad=conv_gemm.conv_dgrad,
+                               wgrad=functools.partial(conv_gemm.conv_wgrad, bn=bn), dgrad_bn=None,
+                               backward=functools.partial(conv_gemm.conv_backward, bn=bn))
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
 
 
@@ -131,9 +139,10 @@ _conv_cache: dict = {}
 
 
 def set_conv_impl(name: Optional[str]) -> None:
-    """Force the convolution implementation where it applies ("triton", "cuda" or "aten"), or None / "auto":
-    choose per shape (measured on CUDA). "triton" and "cuda" still fall back to "aten" for inputs their
-    kernels do not take."""
+    """Force the convolution implementation where it applies ("triton", "cuda", "aten" or "gemm"), or None /
+    "auto": choose per shape (measured). A forced implementation that does not take an input (Triton's
+    kernels off the triton backend or outside their dtypes, "cuda" without the CUTLASS build or off CUDA
+    tensors, "gemm" off the cpu backend or beyond its sizes) falls back to "aten" there."""
     global _conv_override
     if name is not None and name != "auto" and name not in CONV_IMPLS:
         raise ValueError(f"unknown convolution implementation {name!r}; choose from auto, {', '.join(CONV_IMPLS)}")
@@ -141,7 +150,7 @@ def set_conv_impl(name: Optional[str]) -> None:
 
 
 def conv_choices() -> dict:
-    """The per-shape choices made so far on CUDA: {shape key: implementation} (for benchmarks and reports)."""
+    """The per-shape choices measured so far: {shape key: implementation} (for benchmarks and reports)."""
     return dict(_conv_cache)
 
 
@@ -157,28 +166,36 @@ def _heuristic(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     return "triton" if c_g >= 16 and k_g >= 16 else "aten"
 
 
+def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                    groups: int) -> tuple[str, ...]:
+    """The convolution implementations that may run this convolution on ``backend``, "aten" always among
+    them: Triton's fused kernels on the triton backend where they take the inputs; the compiled "cuda"
+    convolutions on the triton and cuda backends for CUDA tensors they take; on the cpu backend the im2col +
+    GEMM convolution where it applies (conv_gemm.applies: small CPU maps)."""
+    if backend == "cpu" and conv_gemm.applies(x, weight, stride, padding, dilation, groups):
+        return ("aten", "gemm")
+    out = ("triton", "aten") if backend == "triton" and supports_conv("triton", x, weight) else ("aten",)
+    if backend in ("triton", "cuda") and supports_conv("cuda", x, weight):
+        out += ("cuda",)
+    return out
+
+
 def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
                 prologue: bool, kind: str, measure: Optional[Callable[[str], float]] = None) -> str:
-    """The convolution implementation for one convolution: "triton" (fused kernels), "cuda" (compiled) or
-    "aten".
+    """The convolution implementation for one convolution, among ``conv_candidates``.
 
-    Triton's only with the triton backend and inputs its kernels take; the compiled one with the triton or
-    cuda backend on CUDA tensors it takes (supports_conv). An override names one of these where it applies
-    ("aten" otherwise). Then: under the interpreter (CPU tests), Triton; on CUDA, the fastest candidate by
-    ``measure(impl) -> seconds``, measured once per shape key and cached ("cuda" a candidate only with
-    CUDA_CONV_AUTO). Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
+    The override if any (when a candidate; else "aten"); under the interpreter (CPU tests of the triton
+    backend), Triton; otherwise the faster candidate by ``measure(impl) -> seconds``, measured once per shape
+    key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
     cached choice or the heuristic."""
-    available = []
-    if backend == "triton" and supports_conv("triton", x, weight):
-        available.append("triton")
-    if backend in ("triton", "cuda") and supports_conv("cuda", x, weight):
-        available.append("cuda")
+    candidates = conv_candidates(backend, x, weight, stride, padding, dilation, groups)
     if _conv_override is not None:
-        return _conv_override if _conv_override in available else "aten"
-    candidates = [impl for impl in available if impl != "cuda" or CUDA_CONV_AUTO]
-    if not candidates:
-        return "aten"
-    if x.device.type != "cuda":
+        return _conv_override if _conv_override in candidates else "aten"
+    # "cuda" only when forced (above) until CUDA_CONV_AUTO: it has not been validated on a GPU yet.
+    candidates = tuple(c for c in candidates if c != "cuda" or CUDA_CONV_AUTO)
+    if len(candidates) == 1:
+        return candidates[0]
+    if "triton" in candidates and x.device.type != "cuda":
         return "triton"
     key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind)
     choice = _conv_cache.get(key)
@@ -186,7 +203,7 @@ def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
         return choice
     if measure is None:
         return _heuristic(x, weight, groups) if "triton" in candidates else "aten"
-    times = {impl: measure(impl) for impl in candidates + ["aten"]}
+    times = {impl: measure(impl) for impl in candidates}
     choice = min(times, key=times.get)
     _conv_cache[key] = choice
     return choice

@@ -156,6 +156,14 @@ def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, 
     bn = _bn_module(bn)
     y = torch.ops.aten.convolution(conv_input(x, prologue, bn), weight, None, list(stride), list(padding),
                                    list(dilation), False, [0, 0], groups)
+    return conv_epilogue(y, stats, bias, residual, relu, bn)
+
+
+def conv_epilogue(y: Tensor, stats: bool, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool,
+                  bn=None) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, stats of y or None), y = relu?(y + bias [+ residual]) when a bias is given: conv_fwd's epilogue as
+    passes of ``bn``'s kernels after the convolution."""
+    bn = _bn_module(bn)
     if bias is not None:
         zeros, ones = unit_scale(y.shape[1], y.device, acc_dtype_of(y))
         y = bn.bn_act(y, zeros, ones, None, bias, residual, relu)
@@ -178,3 +186,15 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     placeholder = a.new_empty(1, dtype=dtype).expand(weight_shape)
     return torch.ops.aten.convolution_backward(grad_out, a, placeholder, None, list(stride), list(padding),
                                                list(dilation), False, [0, 0], groups, [False, True, False])[1]
+
+
+def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                  prologue: Optional[tuple] = None, bn=None) -> tuple[Tensor, Tensor]:
+    """(gradient of the convolution's input, gradient of its weight) from one ATen convolution_backward, the
+    input recomputed from x through the prologue. One call instead of conv_dgrad + conv_wgrad: ATen (oneDNN on
+    CPU) shares the reorder of grad_out and its setup between the two, as eager PyTorch's backward does."""
+    a = conv_input(x, prologue, bn)
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad_out, a, weight, None, list(stride), list(padding),
+                                                            list(dilation), False, [0, 0], groups,
+                                                            [True, True, False])
+    return grad_a, grad_w

@@ -22,7 +22,12 @@ wanted = {"numpy": "numpy", "triton": "triton", "ninja": "ninja", "pybind11": "p
           "build.__main__": "build"}
 # build: scripts/check_package.sh makes the sdist and the wheel with it (build.__main__, since the setuptools
 # output folder ./build would pass for a namespace package named build).
-missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
+def absent(mod):
+    try:
+        return importlib.util.find_spec(mod) is None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return True
+missing = [pkg for mod, pkg in wanted.items() if absent(mod)]
 # Without build isolation the build uses the installed setuptools: pyproject.toml's SPDX license needs >= 77.
 import setuptools
 if int(setuptools.__version__.split(".")[0]) < 77:

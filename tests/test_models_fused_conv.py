@@ -117,7 +117,7 @@ def test_channels_last_end_to_end(monkeypatch):
         return wrapped
 
     for name in ("bn_stats", "bn_act", "bn_backward_reduce", "bn_backward_elemt", "conv_fwd", "conv_dgrad",
-                 "conv_wgrad"):
+                 "conv_wgrad", "conv_backward"):
         monkeypatch.setattr(reference, name, recording(name, getattr(reference, name)))
     dispatch.conv_functions.cache_clear()
     try:

@@ -175,6 +175,11 @@ def test_opcheck_recompute_ops(backend_device):
             torch.library.opcheck(torch.ops.fused_resnet.conv_dgrad_bn.default,
                                   (torch.randn_like(y), conv_w.detach(), x, a["mean"], a["invstd"], a["weight"], a["bias"],
                                    True, [1, 1], [1, 1], [1, 1], 1, True, impl, backend))
+        if dispatch.conv_functions(impl, backend).backward is not None:
+            for prologue in ((a["mean"], a["invstd"], a["weight"], a["bias"], True), (None, None, None, None, False)):
+                torch.library.opcheck(torch.ops.fused_resnet.conv_dgrad_wgrad.default,
+                                      (torch.randn_like(y), x, conv_w.detach(), [1, 1], [1, 1], [1, 1], 1, *prologue,
+                                       impl, backend))
         torch.library.opcheck(torch.ops.fused_resnet.conv_bias_act.default,
                               (grads["x"], grads["cw"], bias, torch.randn_like(y).requires_grad_(), [1, 1], [1, 1],
                                [1, 1], 1, True, impl, backend))

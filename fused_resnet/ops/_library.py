@@ -52,7 +52,10 @@ def eager_autograd(op, setup_context, backward):
             return backward(ctx, *grads)
 
     def call(*args):
-        if eager(*(a for a in args if isinstance(a, Tensor))):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if eager(*tensors):
+            if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+                return impl(*args)  # nothing to differentiate (inference, no_grad): no autograd node either
             return _Function.apply(*args)
         return op(*args)
 

@@ -5,6 +5,7 @@
                      next BatchNorm's (ops/batch_norm.py takes them as ``stats=``), computed in the
                      convolution's epilogue. Training path of the fused blocks.
     conv_bias_act    y = relu?(conv2d(x, w) + bias [+ residual]): eval, with a BatchNorm folded into w and bias.
+    conv             y = conv2d(x, w): eval, where the BatchNorm after it is applied unfolded (models/fold.py).
 
 Implementations (fused_resnet.dispatch): "triton", the fused kernels (kernels/conv_fwd.py, conv_bwd.py): the
 normalised activation relu?(bn(x)) never reaches memory, in forward or backward (wgrad recomputes it in
@@ -16,7 +17,7 @@ the weight, the per-channel statistics and parameters; for conv_bias_act with a 
 mask). The statistics output is not differentiable: the BatchNorm that consumes it accounts for its
 dependence on y (its backward with batch statistics), as it does for statistics it computed itself.
 
-Backward: dw = wgrad(dy, prologue(x)) and da = dgrad(dy, w); then the prologue BatchNorm's backward turns da
+Backward: dw = wgrad(dy, prologue(x)) and da = dgrad(dy, w) (from one ATen call for "aten": conv_dgrad_wgrad); then the prologue BatchNorm's backward turns da
 into dx, dweight and dbias (bn_act_grads: ReLU mask, reductions, elementwise pass). The Triton dgrad applies
 the ReLU mask and computes the BatchNorm's reductions in its epilogue (conv_dgrad_bn), leaving only the
 elementwise pass.
@@ -30,7 +31,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from .. import backends, dispatch
-from .._layout import conv_output_size
+from .._layout import acc_dtype_of, conv_output_size
 from ._library import differentiable_bn, differentiable_grads, eager, eager_autograd
 from .batch_norm import _reference_composite, bn_act_grads, prepare_normalization
 
@@ -115,6 +116,27 @@ def _(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, paddi
             mean.new_empty((2, x.shape[1])))
 
 
+@torch.library.custom_op("fused_resnet::conv_dgrad_wgrad", mutates_args=())
+def conv_dgrad_wgrad(grad_out: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, mean: Optional[Tensor], invstd: Optional[Tensor],
+                     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, impl: str,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """(gradient of the convolution's input, of its weight) from one call, for implementations that have it
+    (fns.backward): the input relu?(bn(x)) recomputed from x through the prologue (mean None: x itself)."""
+    fns = dispatch.conv_functions(impl, backend)
+    grad_a, grad_w = fns.backward(grad_out, x, weight, stride, padding, dilation, groups,
+                                  _prologue(mean, invstd, bn_weight, bn_bias, relu))
+    return (grad_a.contiguous(memory_format=_out_format(x)),
+            grad_w.contiguous(memory_format=_format(_is_channels_last(weight))))
+
+
+@conv_dgrad_wgrad.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, mean, invstd, bn_weight, bn_bias, relu, impl, backend):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                        memory_format=_format(_is_channels_last(weight))))
+
+
 def _is_channels_last(t: Tensor) -> bool:
     return _out_format(t) == torch.channels_last
 
@@ -130,6 +152,13 @@ def _dgrad_bn(grad_out, weight, x, prologue, stride, padding, dilation, groups, 
     args = (grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation, groups,
             _is_channels_last(x), impl, backend)
     return conv_dgrad_bn._init_fn(*args) if eager(grad_out, weight, x) else conv_dgrad_bn(*args)
+
+
+def _dgrad_wgrad(grad_out, x, weight, stride, padding, dilation, groups, prologue, impl, backend):
+    mean, invstd, bn_weight, bn_bias, relu = prologue if prologue is not None else (None, None, None, None, False)
+    args = (grad_out, x, weight, stride, padding, dilation, groups, mean, invstd, bn_weight, bn_bias, relu, impl,
+            backend)
+    return conv_dgrad_wgrad._init_fn(*args) if eager(grad_out, x, weight) else conv_dgrad_wgrad(*args)
 
 
 def _wgrad(grad_out, x, weight, stride, padding, dilation, groups, prologue, impl, backend) -> Tensor:
@@ -196,11 +225,15 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
         return (grad_x, grad_w) + (None,) * 4 + (None, None, grad_bw, grad_bb) + (None,) * 5
     stride, padding, dilation, groups = ctx.conv_args
     prologue = _prologue(mean, invstd, bn_weight, bn_bias, ctx.relu)
-    grad_w = grad_x = grad_bw = grad_bb = None
-    if need_w:
-        grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
+    fns = dispatch.conv_functions(ctx.impl, ctx.backend)
+    grad_w = grad_x = grad_bw = grad_bb = grad_a = None
     need_a = need_x or (prologue is not None and (need_bw or need_bb))
-    if need_a and prologue is not None and dispatch.conv_functions(ctx.impl, ctx.backend).dgrad_bn is not None:
+    if need_w and need_a and fns.backward is not None:
+        grad_a, grad_w = _dgrad_wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl,
+                                      ctx.backend)
+    elif need_w:
+        grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
+    if need_a and grad_a is None and prologue is not None and fns.dgrad_bn is not None:
         # dgrad + ReLU mask + the BatchNorm's backward reduction in one kernel; the elementwise pass follows.
         dz, reduced = _dgrad_bn(grad_y, weight, x, prologue, stride, padding, dilation, groups, ctx.impl,
                                 ctx.backend)
@@ -208,7 +241,8 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
                                                    ctx.backend, ctx.group_name, need_x, need_bw, need_bb, False,
                                                    reduced=reduced)
     elif need_a:
-        grad_a = _dgrad(grad_y, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
+        if grad_a is None:
+            grad_a = _dgrad(grad_y, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
         if prologue is None:
             grad_x = grad_a
         else:
@@ -253,7 +287,6 @@ def _conv_bias_act_setup(ctx, inputs, output):
 def _conv_bias_act_backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     need_x, need_w, need_b, need_r = (ctx.needs_input_grad[i] for i in range(4))
-    stride, padding, dilation, groups = ctx.conv_args
     grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     dz = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)) if ctx.relu else grad
     grad_x = grad_w = grad_b = grad_r = None
@@ -261,20 +294,66 @@ def _conv_bias_act_backward(ctx, grad):
         grad_b = dz.sum(dim=(0, 2, 3), dtype=ctx.bias_dtype)
     if need_r:
         grad_r = dz.to(ctx.residual_dtype)
-    if torch.is_grad_enabled():  # create_graph=True: dz above is differentiable in grad; the convolution's too
+    grad_x, grad_w = _plain_conv_grads(ctx, dz, x, weight, need_x, need_w)
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+
+
+def _plain_conv_grads(ctx, dz, x, weight, need_x: bool, need_w: bool):
+    """(grad of x, grad of weight) of conv2d(x, weight) (no prologue) for output gradient dz; differentiable
+    eager ops when backward is recorded (create_graph=True)."""
+    stride, padding, dilation, groups = ctx.conv_args
+    if torch.is_grad_enabled():  # create_graph=True: dz is differentiable in the incoming gradient
         with torch.enable_grad():
             y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-            grad_x, grad_w = differentiable_grads(y, [x if need_x else None, weight if need_w else None], dz)
-        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+            return tuple(differentiable_grads(y, [x if need_x else None, weight if need_w else None], dz))
+    if need_x and need_w and dispatch.conv_functions(ctx.impl, ctx.backend).backward is not None:
+        return _dgrad_wgrad(dz, x, weight, stride, padding, dilation, groups, None, ctx.impl, ctx.backend)
+    grad_x = grad_w = None
     if need_x:
         grad_x = _dgrad(dz, weight, x, stride, padding, dilation, groups, ctx.impl, ctx.backend)
     if need_w:
         grad_w = _wgrad(dz, x, weight, stride, padding, dilation, groups, None, ctx.impl, ctx.backend)
-    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
+    return grad_x, grad_w
 
 
 conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
 conv_bias_act_call = eager_autograd(conv_bias_act, _conv_bias_act_setup, _conv_bias_act_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conv (plain: no prologue, no epilogue)
+
+
+@torch.library.custom_op("fused_resnet::conv", mutates_args=())
+def conv(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+         impl: str, backend: str) -> Tensor:
+    """y = conv2d(x, weight) by convolution implementation ``impl``: the eval path's convolution where the
+    BatchNorm after it is applied unfolded (models/fold.py)."""
+    y, _ = dispatch.conv_functions(impl, backend).fwd(x, weight, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=_out_format(x))
+
+
+@conv.register_fake
+def _(x, weight, stride, padding, dilation, groups, impl, backend):
+    return _conv_out(x, weight, stride, padding, dilation)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, stride, padding, dilation, groups, impl, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.impl, ctx.backend = impl, backend
+
+
+def _conv_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    grad_x, grad_w = _plain_conv_grads(ctx, grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return grad_x, grad_w, None, None, None, None, None, None
+
+
+conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+conv_call = eager_autograd(conv, _conv_setup, _conv_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,25 +395,45 @@ def _check_conv(x: Tensor, conv_weight: Tensor, groups: int) -> None:
         raise ValueError(f"fused_resnet: conv_weight is on {conv_weight.device} but the input is on {x.device}")
 
 
-def _measure(backend, x, weight, stride, padding, dilation, groups, prologue, train: bool, eval_epilogue: bool):
-    """measure(impl) -> seconds of one convolution with its epilogue (the statistics, or the eval bias + ReLU)
-    and, when training, dgrad + wgrad, on these inputs: for dispatch.conv_choice's per-shape choice on CUDA
-    (triton.testing.do_bench: CUDA events, L2 flushed)."""
-    def measure(impl: str) -> float:
+def _seconds(fn, device: torch.device) -> float:
+    """The time of one call of fn: triton.testing.do_bench on CUDA (CUDA events, L2 flushed); on CPU the
+    fastest of three calls after a warm-up one (the least disturbed by other programs)."""
+    if device.type == "cuda":
         from triton.testing import do_bench
 
+        return do_bench(fn, warmup=3, rep=10) * 1e-3
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _measure(backend, x, weight, stride, padding, dilation, groups, prologue, train: bool, kind: str):
+    """measure(impl) -> seconds of one convolution with its epilogue (the statistics, the eval bias + ReLU, or
+    none for kind "conv_plain")
+    and, when training, its backward (dgrad + wgrad as the backward runs them), on these inputs: for
+    dispatch.conv_choice's per-shape choice."""
+    def measure(impl: str) -> float:
         fns = dispatch.conv_functions(impl, backend)
-        bias = torch.zeros(weight.shape[0], device=x.device, dtype=torch.float32) if eval_epilogue else None
+        eval_epilogue = kind == "conv_bias"
+        bias = torch.zeros(weight.shape[0], device=x.device, dtype=acc_dtype_of(x)) if eval_epilogue else None
 
         def run():
-            y, _ = fns.fwd(x, weight, stride, padding, dilation, groups, prologue=prologue, stats=not eval_epilogue,
-                           bias=bias, relu=eval_epilogue)
-            if train:
+            y, _ = fns.fwd(x, weight, stride, padding, dilation, groups, prologue=prologue,
+                           stats=kind in ("conv", "bn_conv"), bias=bias, relu=eval_epilogue)
+            if train and fns.backward is not None:
+                fns.backward(y, x, weight, stride, padding, dilation, groups, prologue)
+            elif train:
                 fns.dgrad(y, weight, x.shape, stride, padding, dilation, groups, x.dtype, _out_format(x))
                 fns.wgrad(y, x, weight.shape, stride, padding, dilation, groups, weight.dtype, prologue)
 
         with torch.no_grad():
-            return do_bench(run, warmup=3, rep=10) * 1e-3
+            return _seconds(run, x.device)
 
     return measure
 
@@ -346,7 +445,21 @@ def _choose(backend, x, weight, stride, padding, dilation, groups, prologue, kin
     return dispatch.conv_choice(backend, x, weight, stride, padding, dilation, groups, prologue is not None,
                                 f"{kind}/{'train' if train else 'infer'}",
                                 measure=_measure(backend, x, weight, stride, padding, dilation, groups, prologue,
-                                                 train, kind == "conv_bias") if measurable else None)
+                                                 train, kind) if measurable else None)
+
+
+def conv2d(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+           backend: Optional[str] = None) -> Tensor:
+    """``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` by the convolution implementation the
+    dispatch chooses for it on ``backend`` (F.conv2d itself where that is "aten")."""
+    _check_conv(x, weight, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    backend = backends.resolve(backend, x.device)
+    dtype = conv_dtype_for(x, weight)
+    impl = _choose(backend, x.to(dtype), weight.to(dtype), stride, padding, dilation, groups, None, "conv_plain")
+    if impl == "aten":
+        return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    return conv_call(x.to(dtype), weight.to(dtype), stride, padding, dilation, groups, impl, backend)
 
 
 def conv2d_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
