@@ -4,6 +4,11 @@ and a CUDA-enabled torch are present (decided on CUDA_HOME / torch.version.cuda,
 Environment switches:
   FUSED_RESNET_CUDA=auto|0|1   auto (default): build CUDA when possible; 0: never; 1: require it (error if
                                the toolkit or a CUDA torch is missing).
+  FUSED_RESNET_CUTLASS=auto|0|1
+                               the CUTLASS fused convolutions (csrc/cuda/conv/, part of the CUDA build). auto
+                               (default): build them when the CUDA kernels are built and the CUTLASS headers of
+                               the nvidia-cutlass wheel (pinned: CUTLASS_VERSION) are installed; 0: never;
+                               1: require them (error if the CUDA build is off or the headers are missing).
   MAX_JOBS                     parallel compile jobs; defaults to half the cores, capped by memory (nvcc
                                needs ~2-3 GB per job), so a 2-core machine compiles one file at a time.
   TORCH_CUDA_ARCH_LIST         CUDA targets; defaults to the visible GPU, else "8.0;9.0".
@@ -98,12 +103,62 @@ def _cuda_build_decision():
     return not missing, "; ".join(missing) or "toolkit and CUDA torch found"
 
 
+# The CUTLASS release whose headers the convolutions are written and compile-checked against (the wheel
+# ships them under cutlass_library/source/include). Another release is not used: CUTLASS 2.x's conv
+# fusion headers are not a stable API.
+CUTLASS_VERSION = "4.2.0.0"
+CUTLASS_PROBE = os.path.join("cutlass", "conv", "kernel", "default_conv2d_fprop_fusion.h")
+
+
+def cutlass_include():
+    """(the CUTLASS include directory of the installed nvidia-cutlass wheel, or None; why not). Found like
+    pybind11.get_include(): from the installed package, without importing it (cutlass_library's __init__
+    imports its Python generator, which the build does not need)."""
+    import importlib.metadata
+    import importlib.util
+    try:
+        version = importlib.metadata.version("nvidia-cutlass")
+    except importlib.metadata.PackageNotFoundError:
+        return None, f"the nvidia-cutlass wheel is not installed (pip install nvidia-cutlass=={CUTLASS_VERSION})"
+    if version != CUTLASS_VERSION:
+        return None, (f"nvidia-cutlass {version} is installed, fused_resnet's convolutions are written for "
+                      f"{CUTLASS_VERSION} (pip install nvidia-cutlass=={CUTLASS_VERSION})")
+    spec = importlib.util.find_spec("cutlass_library")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        include = os.path.join(location, "source", "include")
+        if os.path.exists(os.path.join(include, CUTLASS_PROBE)):
+            return include, f"CUTLASS {version} headers in {include}"
+    return None, f"nvidia-cutlass {version} is installed but has no {CUTLASS_PROBE} (a broken install?)"
+
+
+def cutlass_build_decision(with_cuda: bool, find=cutlass_include):
+    """(build the CUTLASS convolutions, include dir or None, why) from FUSED_RESNET_CUTLASS; exits on a bad
+    value or on FUSED_RESNET_CUTLASS=1 when they cannot be built."""
+    mode = os.environ.get("FUSED_RESNET_CUTLASS", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"fused_resnet: FUSED_RESNET_CUTLASS must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, None, "FUSED_RESNET_CUTLASS=0"
+    if not with_cuda:
+        if mode == "1":
+            sys.exit("fused_resnet: FUSED_RESNET_CUTLASS=1 but the CUDA kernels are not being built (the CUTLASS "
+                     "convolutions are part of the CUDA build; see the FUSED_RESNET_CUDA message above)")
+        return False, None, "no CUDA build"
+    include, reason = find()
+    if include is None and mode == "1":
+        sys.exit(f"fused_resnet: FUSED_RESNET_CUTLASS=1 but {reason}")
+    return include is not None, include, reason
+
+
 def _extension():
     with_cuda, reason = _cuda_build_decision()
+    with_cutlass, cutlass_inc, cutlass_reason = cutlass_build_decision(with_cuda)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     print(f"fused_resnet: building CUDA kernels: {with_cuda} ({reason})", file=sys.stderr)
+    print(f"fused_resnet: building CUTLASS convolutions: {with_cutlass} ({cutlass_reason})", file=sys.stderr)
     if not with_cuda:
         return CppExtension(
             "fused_resnet._C", sources, include_dirs=include_dirs,
@@ -112,11 +167,20 @@ def _extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    defines = ["-DFUSED_RESNET_WITH_CUDA"]
+    nvcc_flags = ["-O3", "-lineinfo"]
+    if with_cutlass:
+        # One .cu per CUTLASS instantiation (csrc/cuda/conv/), so that MAX_JOBS compiles them in parallel.
+        # -isystem: CUTLASS's own headers warn under -Wall; --expt-relaxed-constexpr: they call constexpr
+        # host functions from host-device code.
+        sources += sorted(glob.glob("csrc/cuda/conv/*.cu")) + sorted(glob.glob("csrc/cuda/conv/*.cpp"))
+        defines.append("-DFUSED_RESNET_WITH_CUTLASS")
+        nvcc_flags += ["-isystem", cutlass_inc, "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "fused_resnet._C", sources, include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": cxx_flags + ["-DFUSED_RESNET_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "-DFUSED_RESNET_WITH_CUDA"],
+            "cxx": cxx_flags + defines,
+            "nvcc": nvcc_flags + defines,
         },
         extra_link_args=["-fopenmp"],
     )

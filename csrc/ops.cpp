@@ -11,10 +11,29 @@
 #include <torch/library.h>
 
 // A stub module init so that `import fused_resnet._C` loads the library and runs the registrations below.
+// Two attributes say what was compiled in: WITH_CUDA (csrc/cuda) and WITH_CUTLASS (csrc/cuda/conv, the CUDA
+// implementation of conv_fwd), set from the build's defines (setup.py).
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef FUSED_RESNET_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  const long with_cutlass = 1;
+#else
+  const long with_cutlass = 0;
+#endif
+  if (PyModule_AddObject(module, "WITH_CUDA", PyBool_FromLong(with_cuda)) != 0 ||
+      PyModule_AddObject(module, "WITH_CUTLASS", PyBool_FromLong(with_cutlass)) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
@@ -40,4 +59,27 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "bn_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? bias, Tensor? out, Tensor? sums, Tensor? count, bool relu, bool need_dz) -> (Tensor, Tensor)");
+
+  // The fused forward convolution (contract: fused_resnet/ops/conv.py; CPU: csrc/cpu/conv_cpu.cpp, ATen's
+  // convolution around the BN kernels above; CUDA: csrc/cuda/conv/, CUTLASS, a subset of the arguments):
+  //   a = relu_in?(bn(x)) with (mean, invstd, bn_weight, bn_bias) when mean is given, else x;
+  //   y = conv2d(a, weight, stride, padding, dilation, groups), in x's dtype and suggested memory format;
+  //   eval epilogue when bias, residual or relu_out is given: y = relu_out?(y + bias [+ residual]);
+  //   stats: (count, mean, m2) float64 [3, K] of the stored y, as bn_stats(y), when `stats`, else empty [0].
+  // mean / invstd: x's accumulation type (fp32, fp64 for fp64 x), given together.
+  m.def(
+      "conv_fwd(Tensor x, Tensor weight, Tensor? mean, Tensor? invstd, Tensor? bn_weight, Tensor? bn_bias, "
+      "bool relu_in, Tensor? bias, Tensor? residual, bool relu_out, int[] stride, int[] padding, "
+      "int[] dilation, int groups, bool stats) -> (Tensor, Tensor)");
+  // conv_fwd's weight gradient, its input recomputed: dw = d/dw of sum(grad_out * conv2d(a, w)) with
+  // a = relu_in?(bn(x)) as in conv_fwd (mean None: a = x); shape weight_size, in x's dtype and suggested
+  // memory format. Deterministic on every implementation (no atomics; fixed summation order).
+  m.def(
+      "conv_wgrad(Tensor grad_out, Tensor x, int[] weight_size, Tensor? mean, Tensor? invstd, Tensor? bn_weight, "
+      "Tensor? bn_bias, bool relu_in, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  // conv_fwd's input gradient (of the convolution's input a): dx of shape input_size, in grad_out's dtype and
+  // suggested memory format.
+  m.def(
+      "conv_dgrad(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
 }

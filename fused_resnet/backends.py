@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import shlex
+import sys
 import warnings
 
 import torch
@@ -263,6 +264,9 @@ def build_info() -> dict:
         "extension": _EXT_OK,
         "extension_error": _EXT_REASON or None,
         "extension_cuda_kernels": _EXT_HAS_CUDA,
+        # The CUTLASS convolutions (csrc/cuda/conv/, setup.py FUSED_RESNET_CUTLASS): dispatch's conv impl "cuda".
+        "extension_cutlass_convolutions": bool(_EXT_OK and getattr(sys.modules.get("fused_resnet._C"),
+                                                                   "WITH_CUTLASS", False)),
         "extension_built_with_torch": _recorded_torch(),
         "triton_installed": _TRITON_INSTALLED,
         "triton_interpret": TRITON_INTERPRET,

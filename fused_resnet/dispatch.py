@@ -8,7 +8,9 @@ Each implementation declares the ops it provides (``PROVIDES``) and, for the con
 supports (``supports_conv``). A backend that does not provide an op falls back op by op:
   triton  BatchNorm: fused_resnet/kernels/batch_norm.py; convolutions: kernels/conv_fwd.py, conv_bwd.py
           (bf16, fp16, fp32 on CUDA, or on CPU tensors in Triton's interpreter)
-  cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below)
+  cuda    BatchNorm: the compiled extension (csrc/cuda); convolutions: "aten" (below), or "cuda" when asked
+          for (set_conv_impl / FUSED_RESNET_CONV=cuda): the compiled conv_fwd / dgrad / wgrad
+          (ops/conv_compiled.py: CUTLASS kernels on CUDA for the calls they take, "aten" for the others)
   cpu     BatchNorm: the compiled extension (csrc/cpu); convolutions: "aten", or "gemm" (conv_gemm.py: one
           im2col + GEMM) on the small maps where it is measured faster
   eager   everything in fused_resnet/reference.py
@@ -20,8 +22,10 @@ Which backend runs is fused_resnet.backends' business (explicit request, process
 FUSED_RESNET_BACKEND, automatic order). Here: given that backend, which convolution implementation runs for
 one convolution (``conv_choice``): on the triton backend Triton's fused kernels or "aten", on the cpu backend
 "aten" or "gemm". Where there are two, the choice is made per shape by measuring both once (like
-torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|aten|gemm|auto or ``set_conv_impl``
-overrides it. Nothing else in the package maps an op to a function.
+torch.backends.cudnn.benchmark) and cached; FUSED_RESNET_CONV=triton|cuda|aten|gemm|auto or ``set_conv_impl``
+overrides it. The compiled "cuda" convolutions (CUTLASS, on the triton and cuda backends) are a candidate of
+the measured choice only when CUDA_CONV_AUTO is set: they compile but have not yet been run on a GPU.
+Nothing else in the package maps an op to a function.
 """
 from __future__ import annotations
 
@@ -43,7 +47,10 @@ PROVIDES = {
     "cpu": BN_OPS,
     "eager": BN_OPS + CONV_OPS,
 }
-CONV_IMPLS = ("triton", "aten", "gemm")
+CONV_IMPLS = ("triton", "cuda", "aten", "gemm")
+# Whether the measured per-shape choice includes the compiled "cuda" convolutions. Off until their GPU parity
+# tests have passed (they have only been compile-checked); set_conv_impl("cuda") uses them regardless.
+CUDA_CONV_AUTO = False
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -78,6 +85,10 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether convolution implementation ``impl`` takes these inputs."""
     if impl == "aten":
         return True
+    if impl == "cuda":  # the CUTLASS kernels, on CUDA tensors only (CPU: only when asked for, conv_functions)
+        from .ops import conv_compiled
+        return (x.device.type == "cuda" and conv_compiled.cutlass_built() and x.dim() == 4
+                and x.dtype in conv_compiled.CUTLASS_DTYPES and weight.dtype == x.dtype)
     if impl != "triton":
         return False
     if x.dtype not in TRITON_CONV_DTYPES or weight.dtype != x.dtype or x.dim() != 4:
@@ -89,8 +100,9 @@ def supports_conv(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def conv_functions(impl: str, backend: str) -> SimpleNamespace:
-    """fwd / dgrad / wgrad of a convolution implementation ("triton" or "aten" with ``backend``'s BatchNorm
-    kernels for its prologue and statistics); dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask and
+    """fwd / dgrad / wgrad of a convolution implementation ("triton", "cuda": the compiled ones, CUTLASS on
+    CUDA and their C++ twins on CPU tensors, "gemm", or "aten" with ``backend``'s BatchNorm kernels for its
+    prologue and statistics); dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask and
     backward reduction in its epilogue) and backward (dgrad and wgrad from one call) where the implementation
     has them (None otherwise)."""
     if impl == "triton":
@@ -104,6 +116,11 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
                                wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None,
                                backward=functools.partial(ref.conv_backward, bn=bn))
+    if impl == "cuda":
+        compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
+        bn = _module(backend)
+        return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=compiled.conv_dgrad,
+                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None, backward=None)
     if impl == "gemm":
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(conv_gemm.conv_fwd, bn=bn), dgrad=conv_gemm.conv_dgrad,
@@ -122,10 +139,10 @@ _conv_cache: dict = {}
 
 
 def set_conv_impl(name: Optional[str]) -> None:
-    """Force the convolution implementation where it applies ("triton", "aten" or "gemm"), or None / "auto":
-    choose per shape (measured). A forced implementation that does not take an input (Triton's kernels off
-    the triton backend or outside their dtypes, "gemm" off the cpu backend or beyond its sizes) falls back to
-    "aten" there."""
+    """Force the convolution implementation where it applies ("triton", "cuda", "aten" or "gemm"), or None /
+    "auto": choose per shape (measured). A forced implementation that does not take an input (Triton's
+    kernels off the triton backend or outside their dtypes, "cuda" without the CUTLASS build or off CUDA
+    tensors, "gemm" off the cpu backend or beyond its sizes) falls back to "aten" there."""
     global _conv_override
     if name is not None and name != "auto" and name not in CONV_IMPLS:
         raise ValueError(f"unknown convolution implementation {name!r}; choose from auto, {', '.join(CONV_IMPLS)}")
@@ -152,13 +169,15 @@ def _heuristic(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
 def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
                     groups: int) -> tuple[str, ...]:
     """The convolution implementations that may run this convolution on ``backend``, "aten" always among
-    them: Triton's fused kernels on the triton backend where they take the inputs; on the cpu backend the
-    im2col + GEMM convolution where it applies (conv_gemm.applies: small CPU maps)."""
-    if backend == "triton" and supports_conv("triton", x, weight):
-        return ("triton", "aten")
+    them: Triton's fused kernels on the triton backend where they take the inputs; the compiled "cuda"
+    convolutions on the triton and cuda backends for CUDA tensors they take; on the cpu backend the im2col +
+    GEMM convolution where it applies (conv_gemm.applies: small CPU maps)."""
     if backend == "cpu" and conv_gemm.applies(x, weight, stride, padding, dilation, groups):
         return ("aten", "gemm")
-    return ("aten",)
+    out = ("triton", "aten") if backend == "triton" and supports_conv("triton", x, weight) else ("aten",)
+    if backend in ("triton", "cuda") and supports_conv("cuda", x, weight):
+        out += ("cuda",)
+    return out
 
 
 def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
@@ -170,10 +189,12 @@ def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
     key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
     cached choice or the heuristic."""
     candidates = conv_candidates(backend, x, weight, stride, padding, dilation, groups)
-    if len(candidates) == 1:
-        return candidates[0]
     if _conv_override is not None:
         return _conv_override if _conv_override in candidates else "aten"
+    # "cuda" only when forced (above) until CUDA_CONV_AUTO: it has not been validated on a GPU yet.
+    candidates = tuple(c for c in candidates if c != "cuda" or CUDA_CONV_AUTO)
+    if len(candidates) == 1:
+        return candidates[0]
     if "triton" in candidates and x.device.type != "cuda":
         return "triton"
     key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind)

@@ -2,16 +2,25 @@
 # CI compile check of the CUDA sources, on a machine without a GPU (and with the CPU torch wheel):
 #   (a) nvcc -c every csrc/cuda/*.cu for sm_90 (device code: no torch headers), with the half/bfloat16
 #       flags torch's CUDAExtension uses, warnings as errors;
-#   (b) g++ -fsyntax-only every csrc/cuda/*.cpp (the torch bindings) against the CPU wheel's headers plus the
-#       CUDA toolkit's, with a stub for the one generated c10/cuda header the CPU wheel lacks.
-# Exits non-zero on the first failure. Environment: CUDA_HOME (default /usr/local/cuda, or nvcc's parent
-# directory), NVCC, CXX (default g++), PYTHON (default python3), CUDA_ARCH (default sm_90).
+#   (b) nvcc -c every csrc/cuda/conv/*.cu (the CUTLASS fused convolutions, one instantiation per file) for each
+#       of CUTLASS_ARCHS (default "sm_80 sm_90"), with the CUTLASS headers of the pinned nvidia-cutlass wheel
+#       (found by setup.py's cutlass_include()); skipped with a note when the wheel is missing, unless
+#       FUSED_RESNET_CUTLASS=1 (then an error); FUSED_RESNET_CUTLASS=0 skips it. Prints each file's time.
+#   (c) g++ -fsyntax-only every csrc/cuda/*.cpp and csrc/cuda/conv/*.cpp (the torch bindings) against the CPU
+#       wheel's headers plus the CUDA toolkit's, with a stub for the one generated c10/cuda header the CPU
+#       wheel lacks, and -DFUSED_RESNET_WITH_CUTLASS: the CUTLASS bindings include only the torch-free
+#       launcher header, so they are checked whether or not (b) ran.
+# Exits non-zero when any file fails. Environment: CUDA_HOME (default /usr/local/cuda, or nvcc's parent
+# directory), NVCC, CXX (default g++), PYTHON (default python3), CUDA_ARCH (default sm_90), CUTLASS_ARCHS,
+# FUSED_RESNET_CUTLASS (auto|0|1, as for setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 CXX="${CXX:-g++}"
 CUDA_ARCH="${CUDA_ARCH:-sm_90}"
+CUTLASS_ARCHS="${CUTLASS_ARCHS:-sm_80 sm_90}"
+CUTLASS_MODE="$(echo "${FUSED_RESNET_CUTLASS:-auto}" | tr '[:upper:]' '[:lower:]')"
 
 if [[ -z "${NVCC:-}" ]]; then
   if [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then
@@ -40,7 +49,8 @@ fi
 
 shopt -s nullglob
 CU_FILES=(csrc/cuda/*.cu)
-CPP_FILES=(csrc/cuda/*.cpp)
+CONV_FILES=(csrc/cuda/conv/*.cu)
+CPP_FILES=(csrc/cuda/*.cpp csrc/cuda/conv/*.cpp)
 shopt -u nullglob
 if (( ${#CU_FILES[@]} == 0 && ${#CPP_FILES[@]} == 0 )); then
   echo "check_cuda_compile: ERROR: no sources under csrc/cuda/" >&2
@@ -75,7 +85,55 @@ for f in "${CU_FILES[@]}"; do
   fi
 done
 
-# (b) Host bindings against the torch headers.
+# (b) The CUTLASS instantiations. CUTLASS's headers come in with -isystem (they warn under -Wall; our own
+# files keep -Werror) and need --expt-relaxed-constexpr (constexpr host functions called from host-device
+# code), as in setup.py.
+n_conv=0
+case "${CUTLASS_MODE}" in
+  auto|1) ;;
+  0) echo "check_cuda_compile: note: FUSED_RESNET_CUTLASS=0: CUTLASS convolutions not compiled" ;;
+  *) echo "check_cuda_compile: ERROR: FUSED_RESNET_CUTLASS must be auto, 0 or 1" >&2; exit 1 ;;
+esac
+if [[ "${CUTLASS_MODE}" != 0 && ${#CONV_FILES[@]} -gt 0 ]]; then
+  # setup.py's cutlass_include() is the one place that knows the pinned version and where the wheel keeps
+  # the headers; setup.py runs nothing on import (setup() is under __main__).
+  cutlass_probe="$("${PYTHON}" -c '
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("fused_resnet_setup", "setup.py")
+setup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup)
+include, why = setup.cutlass_include()
+print(include or "")
+print(why)
+' 2>&1)" || { echo "check_cuda_compile: ERROR: cannot evaluate setup.py: ${cutlass_probe}" >&2; exit 1; }
+  CUTLASS_INC="$(sed -n 1p <<<"${cutlass_probe}")"
+  CUTLASS_WHY="$(sed -n 2p <<<"${cutlass_probe}")"
+  if [[ -z "${CUTLASS_INC}" ]]; then
+    if [[ "${CUTLASS_MODE}" == 1 ]]; then
+      echo "check_cuda_compile: ERROR: FUSED_RESNET_CUTLASS=1 but ${CUTLASS_WHY}" >&2
+      exit 1
+    fi
+    echo "check_cuda_compile: note: CUTLASS convolutions NOT compiled: ${CUTLASS_WHY}"
+  else
+    echo "check_cuda_compile: ${CUTLASS_WHY}"
+    for f in "${CONV_FILES[@]}"; do
+      for arch in ${CUTLASS_ARCHS}; do
+        flags=("${NVCC_FLAGS[@]}")
+        flags=("${flags[@]/-arch=${CUDA_ARCH}/-arch=${arch}}")
+        t_start=${SECONDS}
+        if ! "${NVCC}" "${flags[@]}" -DFUSED_RESNET_WITH_CUTLASS -isystem "${CUTLASS_INC}" \
+            --expt-relaxed-constexpr -c "${f}" -o "${TMP}/$(basename "${f}").${arch}.o"; then
+          echo "check_cuda_compile: FAILED: ${f} (${arch})" >&2
+          status=1
+        fi
+        echo "check_cuda_compile: nvcc ${f} ${arch}: $(( SECONDS - t_start )) s"
+        n_conv=$(( n_conv + 1 ))
+      done
+    done
+  fi
+fi
+
+# (c) Host bindings against the torch headers.
 if (( ${#CPP_FILES[@]} > 0 )); then
   if ! TORCH_DIR="$("${PYTHON}" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"; then
     echo "check_cuda_compile: ERROR: cannot import torch with ${PYTHON}" >&2
@@ -85,7 +143,7 @@ if (( ${#CPP_FILES[@]} > 0 )); then
   # The CPU wheel ships the c10/cuda headers but not this generated one.
   mkdir -p "${TMP}/stub/c10/cuda/impl"
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"${TMP}/stub/c10/cuda/impl/cuda_cmake_macros.h"
-  CXX_FLAGS=(-std=c++20 -fsyntax-only -Wall -DFUSED_RESNET_WITH_CUDA -Icsrc
+  CXX_FLAGS=(-std=c++20 -fsyntax-only -Wall -DFUSED_RESNET_WITH_CUDA -DFUSED_RESNET_WITH_CUTLASS -Icsrc
     -I"${TORCH_DIR}/include" -I"${TORCH_DIR}/include/torch/csrc/api/include" -I"${CUDA_HOME}/include"
     -I"${PY_INC}" -I"${TMP}/stub")
   # Torch's own headers are included with -I (not -isystem); add -Werror only if they pass it.
@@ -109,4 +167,4 @@ if (( status != 0 )); then
   echo "check_cuda_compile: FAILED" >&2
   exit 1
 fi
-echo "check_cuda_compile: OK (${#CU_FILES[@]} .cu, ${#CPP_FILES[@]} .cpp)"
+echo "check_cuda_compile: OK (${#CU_FILES[@]} .cu, ${n_conv} CUTLASS .cu x arch, ${#CPP_FILES[@]} .cpp)"

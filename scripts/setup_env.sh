@@ -53,6 +53,21 @@ if [ -n "$optional" ]; then
   "$PYTHON" -m pip install --quiet $optional || echo "[setup] warning: could not install $optional; charts or the default dataset will be unavailable"
 fi
 
+# The CUTLASS headers of the CUDA fused convolutions (csrc/cuda/conv/), at setup.py's pinned CUTLASS_VERSION.
+# Optional: without them the CUDA build skips those convolutions (FUSED_RESNET_CUTLASS=auto) and
+# scripts/check_cuda_compile.sh says so, so a machine with no package registry still sets up. --no-deps: the
+# build needs only the headers, not the wheel's Python generator and its dependencies (cuda-python, ...).
+cutlass_pin="$(sed -n 's/^CUTLASS_VERSION = "\(.*\)"$/\1/p' setup.py)"
+if [ -n "$cutlass_pin" ] && ! "$PYTHON" -c "
+import importlib.metadata, sys
+try:
+    sys.exit(importlib.metadata.version('nvidia-cutlass') != sys.argv[1])
+except importlib.metadata.PackageNotFoundError:
+    sys.exit(1)" "$cutlass_pin" 2>/dev/null; then
+  echo "[setup] installing (optional, CUTLASS headers for the CUDA convolutions): nvidia-cutlass==$cutlass_pin"
+  "$PYTHON" -m pip install --quiet --no-deps "nvidia-cutlass==$cutlass_pin" || echo "[setup] warning: could not install nvidia-cutlass==$cutlass_pin; the CUDA build will skip the CUTLASS convolutions"
+fi
+
 needs_build=$("$PYTHON" - "$ROOT" <<'PY'
 import glob, os, subprocess, sys
 root = sys.argv[1]

@@ -52,6 +52,12 @@ def _load_build_module():
 emu_build = _load_build_module()
 
 TESTED_OPS = {"bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt"}
+# Ops of csrc/ops.cpp deliberately not emulated: their CUDA implementation is tensor-core code (CUTLASS,
+# csrc/cuda/conv/, which the emulator build does not read), compile-checked by scripts/check_cuda_compile.sh
+# and tested against its CPU twin's contract in tests/test_conv_compiled.py; GPU parity is for a CUDA machine.
+NOT_EMULATED = {"conv_fwd": "CUTLASS tensor-core kernels (csrc/cuda/conv/)",
+                "conv_wgrad": "CUTLASS tensor-core kernels (csrc/cuda/conv/)",
+                "conv_dgrad": "CUTLASS tensor-core kernels (csrc/cuda/conv/)"}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BITWISE = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -267,11 +273,15 @@ def test_emulator_detects_what_it_claims(emu):
 
 def test_every_op_is_emulated_and_tested(emu):
     gen = emu.generated
-    assert set(gen.schema_ops) == set(gen.cuda_impl_ops), (
-        f"ops without a CUDA implementation: {sorted(set(gen.schema_ops) - set(gen.cuda_impl_ops))}")
-    assert set(gen.schema_ops) == TESTED_OPS, (
-        f"csrc/ops.cpp defines {sorted(gen.schema_ops)}; this module tests {sorted(TESTED_OPS)}: add tests for "
-        "new ops here")
+    assert not TESTED_OPS & set(NOT_EMULATED)
+    assert set(gen.schema_ops) == TESTED_OPS | set(NOT_EMULATED), (
+        f"csrc/ops.cpp defines {sorted(gen.schema_ops)}; this module tests {sorted(TESTED_OPS)} and names "
+        f"{sorted(NOT_EMULATED)} as not emulated: add tests for new ops here, or name them in NOT_EMULATED")
+    assert set(gen.cuda_impl_ops) == TESTED_OPS, (
+        f"emulated CUDA implementations {sorted(gen.cuda_impl_ops)}, tested ops {sorted(TESTED_OPS)}")
+    for op in NOT_EMULATED:  # the emulated build copies the schema but has no kernel for it
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"{emu_build.EMU_NAMESPACE}::{op}", "CPU"), (
+            f"{op} is named not emulated but has an emulated kernel")
     for pattern, minimum in emu_build.MIN_MATCHES.items():
         assert gen.counts[pattern] >= minimum, (pattern, gen.counts)
     for op in TESTED_OPS:

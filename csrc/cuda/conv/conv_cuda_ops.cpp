@@ -1,0 +1,256 @@
+// CUDA registrations of conv_fwd, conv_wgrad and conv_dgrad (contract: csrc/ops.cpp) on the CUTLASS
+// instantiations of this folder, through their torch-free launchers (conv_launch.h). Built only when setup.py builds the
+// CUTLASS part (FUSED_RESNET_WITH_CUTLASS); not emulated on CPU (tests/cuda_emulation covers csrc/cuda/*, not
+// this folder: tensor-core code has no CPU emulation). Same argument checks as the CPU twin
+// (common/conv_checks.h).
+//
+// What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only these calls;
+// any other is rejected here with a message, never computed differently): fp16 x and weight, groups 1,
+// C % 8 == 0 and K % 8 == 0, and
+//   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
+//               eval epilogue bias (+ residual) + ReLU without a prologue;
+//   conv_wgrad  the BN-apply + ReLU prologue, recomputed;
+//   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation).
+// Statistics: bn_stats' CUDA kernels run on the stored y after the convolution (deterministic, the same
+// (count, mean, m2) format), a second pass over y; the fused statistics epilogue is not written yet.
+// Prologue numerics: CUTLASS's transform computes relu(x * scale + shift) in fp16 (fma.rn.f16x2.relu) with
+// scale and shift rounded to fp16 here (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale);
+// the Triton kernels and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose
+// |mean * scale| is large against the normalised values, the fp16 shift loses digits: unmeasured on a GPU.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "common/conv_checks.h"
+#include "common/tensor_utils.h"
+#include "cuda/batch_norm_launch.h"
+#include "cuda/conv/conv_launch.h"
+
+#ifdef FUSED_RESNET_WITH_CUTLASS
+
+namespace fused_resnet {
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "fused_resnet: conv_fwd (CUDA): ", what, " = ", v,
+              " does not fit the CUTLASS kernels' 32-bit extents");
+  return static_cast<int>(v);
+}
+
+// A dense channels_last copy unless t already is one, with the 16-byte alignment of CUTLASS's 128-bit
+// accesses (a view with a storage offset may not have it).
+at::Tensor channels_last_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % 16 != 0) {
+    c = c.clone(at::MemoryFormat::ChannelsLast);
+  }
+  return c;
+}
+
+// The launchers' shape of a convolution of x with a weight of weight_size (checked to fit their int32).
+cuda_conv::ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  cuda_conv::ConvShape s{};
+  s.N = as_int(x.size(0), "N");
+  s.C = as_int(x.size(1), "C");
+  s.H = as_int(x.size(2), "H");
+  s.W = as_int(x.size(3), "W");
+  s.K = as_int(weight_size[0], "K");
+  s.R = as_int(weight_size[2], "R");
+  s.S = as_int(weight_size[3], "S");
+  s.pad_h = as_int(padding[0], "pad_h");
+  s.pad_w = as_int(padding[1], "pad_w");
+  s.stride_h = as_int(stride[0], "stride_h");
+  s.stride_w = as_int(stride[1], "stride_w");
+  s.dilation_h = as_int(dilation[0], "dilation_h");
+  s.dilation_w = as_int(dilation[1], "dilation_w");
+  s.P = cuda_conv::conv_out_extent(s.H, s.R, s.pad_h, s.stride_h, s.dilation_h);
+  s.Q = cuda_conv::conv_out_extent(s.W, s.S, s.pad_w, s.stride_w, s.dilation_w);
+  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: empty convolution output for input ", x.sizes(), " and weight ",
+              weight_size);
+  // Element offsets inside the kernels' tensors must fit int32 as well as the extents.
+  as_int(x.numel(), "x.numel()");
+  as_int(int64_t(s.N) * s.P * s.Q * s.K, "y.numel()");
+  return s;
+}
+
+// The prologue as CUTLASS's transform takes it: relu(x * scale + shift), scale = bn_weight * invstd and
+// shift = bn_bias - mean * scale computed in fp32, then rounded once to the transform's fp16. Fresh
+// allocations of the caching allocator: contiguous and 16-byte aligned.
+struct PrologueVectors {
+  at::Tensor scale, shift;
+};
+
+PrologueVectors prologue_vectors(const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& bn_weight,
+                                 const OptTensor& bn_bias) {
+  at::Tensor scale = invstd.to(at::kFloat);
+  if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
+  at::Tensor shift = -mean.to(at::kFloat) * scale;
+  if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
+  return {scale.to(at::kHalf).contiguous(), shift.to(at::kHalf).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                 const OptTensor& mean, const OptTensor& invstd,
+                                                 const OptTensor& bn_weight, const OptTensor& bn_bias,
+                                                 bool relu_in, const OptTensor& bias, const OptTensor& residual,
+                                                 bool relu_out, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, bool stats) {
+  check_conv_fwd_args(x, weight, mean, invstd, bn_weight, bn_bias, bias, residual, stride, padding, dilation,
+                      groups);
+  TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_fwd: x must be a CUDA tensor here, got one on ", x.device());
+  // The two instantiated variants: the training prologue, or the eval epilogue with its ReLU.
+  const bool bn_relu_prologue = present(mean) && relu_in && !present(bias) && !present(residual) && !relu_out;
+  const bool eval_epilogue = !present(mean) && present(bias) && relu_out;
+  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && (bn_relu_prologue || eval_epilogue),
+              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16, groups 1, and either the BN + ReLU prologue "
+              "without an eval epilogue or bias (+ residual) + ReLU without a prologue; got ", x.scalar_type(),
+              ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in, ", bias ", present(bias),
+              ", residual ", present(residual), ", relu_out ", relu_out,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const cuda_conv::ConvShape s = conv_shape(x, weight.sizes(), stride, padding, dilation);
+  const auto format = x.suggest_memory_format();
+  at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (s.N == 0 || s.K == 0) {  // an empty output: nothing to launch (an empty grid is a launch error)
+    return {y.contiguous(format), stats ? at::zeros({3, s.K}, y.options().dtype(at::kDouble))
+                                        : at::empty({0}, y.options().dtype(at::kDouble))};
+  }
+  TORCH_CHECK(s.C > 0, "fused_resnet: conv_fwd (CUDA, CUTLASS) needs at least one input channel");
+  const at::Tensor xc = channels_last_aligned(x), wc = channels_last_aligned(weight);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  if (bn_relu_prologue) {
+    TORCH_CHECK(cuda_conv::fprop_bn_relu_f16_supports(s),
+                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+    const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+    err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(),
+                                       v.shift.const_data_ptr(), y.data_ptr(), stream);
+  } else {
+    TORCH_CHECK(cuda_conv::fprop_bias_residual_relu_f16_supports(s),
+                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+    if (present(residual)) check_like(*residual, y, "residual");
+    // The broadcast epilogue always reads a residual: zeros stand in for an absent one (an extra read of y's size).
+    const at::Tensor r = present(residual) ? channels_last_aligned(*residual) : at::zeros_like(y);
+    const at::Tensor b = bias->to(at::kFloat).contiguous();
+    err = cuda_conv::fprop_bias_residual_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
+                                                  b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(), stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
+
+  at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble));
+  if (stats) {
+    const Layout l = layout_of(y);
+    const auto dt = cuda_bn::DType::kHalf;
+    const int64_t P = cuda_bn::stats_num_partials(l, dt);
+    s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
+    at::Tensor partials = P > 1 ? at::empty({P, 3, s.K}, y.options().dtype(at::kDouble)) : at::Tensor();
+    const cudaError_t e = cuda_bn::launch_bn_stats(y.const_data_ptr(), l, dt, P,
+                                                   partials.defined() ? partials.data_ptr<double>() : nullptr,
+                                                   s_out.data_ptr<double>(), stream);
+    TORCH_CHECK(e == cudaSuccess, "fused_resnet: conv_fwd statistics launch failed: ", cudaGetErrorString(e));
+  }
+  return {y.contiguous(format), s_out};
+}
+
+// Serial split-K slices of the wgrad reduction (N*P*Q): enough CTAs for a large GPU when the dw tile grid is
+// small (ResNet's deep layers: K and R*S*C of a few hundred, N*P*Q of tens of thousands), at least 1024 rows of
+// the reduction per slice. A function of the shape only, so dw is bitwise the same on every GPU model.
+int wgrad_split_k(const cuda_conv::ConvShape& s) {
+  const int64_t tiles = ((int64_t(s.K) + 127) / 128) * ((int64_t(s.R) * s.S * s.C + 127) / 128);
+  const int64_t rows = int64_t(s.N) * s.P * s.Q;
+  const int64_t want = (256 + tiles - 1) / tiles;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, 16, rows / 1024})));
+}
+
+at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef weight_size,
+                           const OptTensor& mean, const OptTensor& invstd, const OptTensor& bn_weight,
+                           const OptTensor& bn_bias, bool relu_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  check_conv_wgrad_args(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, stride, padding, dilation,
+                        groups);
+  TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_wgrad: x must be a CUDA tensor here, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && present(mean) && relu_in,
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) takes fp16, groups 1 and the BN + ReLU prologue; got ",
+              x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda_conv::ConvShape s = conv_shape(x, weight_size, stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(2) == s.P && grad_out.size(3) == s.Q, "fused_resnet: conv_wgrad: grad_out ",
+              grad_out.sizes(), " is not the output size of this convolution");
+  const auto format = x.suggest_memory_format();
+  at::Tensor dw = at::empty(weight_size, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (s.N == 0 || s.P == 0 || s.Q == 0) return dw.zero_().to(x.scalar_type()).contiguous(format);
+  if (s.K == 0 || s.C == 0) return dw.to(x.scalar_type()).contiguous(format);
+  const int split_k = wgrad_split_k(s);
+  TORCH_CHECK(cuda_conv::wgrad_bn_relu_f16_supports(s, split_k),
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", x.sizes(), ", weight ", weight_size);
+  const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+  const at::Tensor xc = channels_last_aligned(x), dyc = channels_last_aligned(grad_out);
+  const size_t workspace_bytes = cuda_conv::wgrad_bn_relu_f16_workspace_size(s, split_k);
+  at::Tensor workspace = workspace_bytes > 0
+                             ? at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte))
+                             : at::Tensor();
+  const cudaError_t err = cuda_conv::wgrad_bn_relu_f16(
+      s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
+      dw.data_ptr<float>(), workspace.defined() ? workspace.data_ptr() : nullptr,
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_wgrad failed: ", cudaGetErrorString(err));
+  return dw.to(x.scalar_type()).contiguous(format);
+}
+
+at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  check_conv_dgrad_args(grad_out, weight, input_size, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_out.is_cuda(), "fused_resnet: conv_dgrad: grad_out must be a CUDA tensor here, got one on ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == at::kHalf && weight.scalar_type() == at::kHalf && groups == 1 &&
+                  dilation[0] == 1 && dilation[1] == 1,
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) takes fp16, groups 1 and dilation 1; got ",
+              grad_out.scalar_type(), ", groups ", groups, ", dilation ", dilation,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::Tensor x_like = at::empty({1}, grad_out.options()).expand(input_size);
+  const cuda_conv::ConvShape s = conv_shape(x_like, weight.sizes(), stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(2) == s.P && grad_out.size(3) == s.Q, "fused_resnet: conv_dgrad: grad_out ",
+              grad_out.sizes(), " is not the output size of this convolution");
+  const auto format = grad_out.suggest_memory_format();
+  at::Tensor dx = at::empty(input_size, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dx.numel() == 0) return dx.contiguous(format);
+  if (s.K == 0) return dx.zero_().contiguous(format);
+  TORCH_CHECK(cuda_conv::dgrad_f16_supports(s),
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", input_size, ", weight ", weight.sizes());
+  const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight);
+  const cudaError_t err = cuda_conv::dgrad_f16(s, dyc.const_data_ptr(), wc.const_data_ptr(), dx.data_ptr(),
+                                               c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_dgrad failed: ", cudaGetErrorString(err));
+  return dx.contiguous(format);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
+  m.impl("conv_fwd", &conv_fwd_cuda);
+  m.impl("conv_wgrad", &conv_wgrad_cuda);
+  m.impl("conv_dgrad", &conv_dgrad_cuda);
+}
+
+}  // namespace fused_resnet
+
+#endif  // FUSED_RESNET_WITH_CUTLASS

@@ -1,0 +1,136 @@
+"""The compiled fused forward convolution, ``torch.ops.fused_resnet_C.conv_fwd`` (schema: csrc/ops.cpp), as
+the convolution implementation "cuda" of fused_resnet.dispatch:
+
+  CUDA tensors  CUTLASS kernels (csrc/cuda/conv/), when the extension was built with them (``cutlass_built``)
+                and the call is one they take (``cutlass_takes``: fp16, groups 1, C and K multiples of 8, and
+                the BN-apply + ReLU prologue, or the eval epilogue bias (+ residual) + ReLU); every other call
+                takes the "aten" path
+                (reference.conv_fwd with the backend's BatchNorm kernels), so the choice of "cuda" is safe
+                for any convolution.
+  CPU tensors   the C++ twin of the same schema (csrc/cpu/conv_cpu.cpp: ATen's convolution around the C++
+                BatchNorm kernels), so that opcheck and the contract tests run the compiled op without a GPU.
+                Never chosen automatically on CPU: only when asked for (dispatch.conv_functions("cuda", ...)).
+
+Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
+fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
+``conv_dgrad`` (CUTLASS's strided dgrad; no ReLU-mask / BN-backward-reduce epilogue yet, so dgrad_bn is None
+and the BatchNorm's backward runs after it).
+
+Status: the CUTLASS path compiles (scripts/check_cuda_compile.sh, sm_80 and sm_90) but has not run on a GPU:
+no parity or speed claim is made for it, and dispatch's automatic per-shape choice does not measure it
+(dispatch.CUDA_CONV_AUTO) until the GPU parity tests have passed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from .. import backends, reference
+from .._layout import conv_output_size
+
+CUTLASS_DTYPES = (torch.float16,)
+CUTLASS_ALIGNMENT = 8  # channels per 128-bit access of the fp16 instantiation (csrc/cuda/conv/conv_launch.h)
+
+
+@functools.lru_cache(maxsize=None)
+def cutlass_built() -> bool:
+    """Whether fused_resnet._C was compiled with the CUTLASS convolutions (setup.py FUSED_RESNET_CUTLASS)."""
+    if not backends.extension_loaded():
+        return False
+    import fused_resnet._C as ext
+    return bool(getattr(ext, "WITH_CUTLASS", False))
+
+
+def cutlass_takes(x: Tensor, weight: Tensor, groups: int, prologue: Optional[tuple], bias: Optional[Tensor],
+                  residual: Optional[Tensor], relu: bool) -> bool:
+    """Whether the CUDA registrations of conv_fwd / conv_wgrad (csrc/cuda/conv/conv_cuda_ops.cpp) take this
+    call: their checks, restated (they reject anything else with an error, never computing it differently).
+    conv_wgrad is asked with bias=None, relu=False: it needs the prologue."""
+    shape_ok = (x.dtype in CUTLASS_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and groups == 1
+                and x.shape[1] > 0 and x.shape[1] % CUTLASS_ALIGNMENT == 0
+                and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+    bn_relu_prologue = prologue is not None and bool(prologue[4]) and bias is None and residual is None and not relu
+    eval_epilogue = prologue is None and bias is not None and relu
+    return shape_ok and (bn_relu_prologue or eval_epilogue)
+
+
+def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, prologue: Optional[tuple] = None,
+             stats: bool = False, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+             relu: bool = False, bn=None) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, stats of y or None), the signature of kernels/conv_fwd.conv_fwd and reference.conv_fwd (``bn``: the
+    BatchNorm kernels of the fallback on CUDA)."""
+    if x.device.type == "cuda" and not (cutlass_built() and cutlass_takes(x, weight, groups, prologue, bias,
+                                                                         residual, relu)):
+        return reference.conv_fwd(x, weight, stride, padding, dilation, groups, prologue=prologue, stats=stats,
+                                  bias=bias, residual=residual, relu=relu, bn=bn)
+    mean, invstd, bn_weight, bn_bias, relu_in = prologue if prologue is not None else (None, None, None, None, False)
+    y, s = torch.ops.fused_resnet_C.conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, bool(relu_in), bias,
+                                             residual, bool(relu), list(stride), list(padding), list(dilation),
+                                             groups, bool(stats))
+    return y, (s if stats else None)
+
+
+def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilation, groups: int, dtype: torch.dtype,
+               prologue: Optional[tuple] = None, bn=None) -> Tensor:
+    """The weight gradient, its input recomputed from x through the prologue: the signature of
+    reference.conv_wgrad (``bn``: the BatchNorm kernels of the fallback on CUDA)."""
+    if x.device.type == "cuda" and not (cutlass_built() and grad_out.dtype == x.dtype
+                                        and cutlass_takes(x, torch.empty(weight_shape, dtype=x.dtype, device="meta"),
+                                                          groups, prologue, None, None, False)):
+        return reference.conv_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups, dtype,
+                                    prologue=prologue, bn=bn)
+    mean, invstd, bn_weight, bn_bias, relu_in = prologue if prologue is not None else (None, None, None, None, False)
+    dw = torch.ops.fused_resnet_C.conv_wgrad(grad_out.to(x.dtype), x, list(weight_shape), mean, invstd, bn_weight,
+                                             bn_bias, bool(relu_in), list(stride), list(padding), list(dilation),
+                                             groups)
+    return dw if dw.dtype == dtype else dw.to(dtype)
+
+
+def cutlass_takes_dgrad(grad_out: Tensor, weight: Tensor, input_shape, dilation, groups: int) -> bool:
+    """Whether the CUDA registration of conv_dgrad takes this call (fp16, groups 1, dilation 1, C and K
+    multiples of 8), restated from csrc/cuda/conv/conv_cuda_ops.cpp."""
+    return (grad_out.dtype in CUTLASS_DTYPES and weight.dtype == grad_out.dtype and groups == 1
+            and tuple(dilation) == (1, 1) and len(input_shape) == 4 and input_shape[1] > 0
+            and input_shape[1] % CUTLASS_ALIGNMENT == 0 and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+
+
+def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
+               dtype: torch.dtype, memory_format=torch.channels_last) -> Tensor:
+    """The input gradient: the signature of reference.conv_dgrad."""
+    if grad_out.device.type == "cuda" and not (cutlass_built() and cutlass_takes_dgrad(grad_out, weight, input_shape,
+                                                                                       dilation, groups)):
+        return reference.conv_dgrad(grad_out, weight, input_shape, stride, padding, dilation, groups, dtype,
+                                    memory_format)
+    dx = torch.ops.fused_resnet_C.conv_dgrad(grad_out.to(weight.dtype), weight, list(input_shape), list(stride),
+                                             list(padding), list(dilation), groups)
+    return dx.to(dtype).contiguous(memory_format=memory_format)
+
+
+def _fake_conv_dgrad(grad_out, weight, input_size, stride, padding, dilation, groups):
+    return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=suggest_memory_format(grad_out))
+
+
+def _fake_conv_wgrad(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, relu_in, stride, padding, dilation,
+                     groups):
+    return torch.empty(weight_size, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
+def _fake_conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, relu_in, bias, residual, relu_out, stride, padding,
+                   dilation, groups, stats):
+    ho, wo = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    y = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                    memory_format=suggest_memory_format(x))
+    return y, x.new_empty((3, weight.shape[0]) if stats else (0,), dtype=torch.float64)
+
+
+if backends.extension_loaded():
+    torch.library.register_fake("fused_resnet_C::conv_fwd", _fake_conv_fwd)
+    torch.library.register_fake("fused_resnet_C::conv_wgrad", _fake_conv_wgrad)
+    torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)
+
+__all__ = ["conv_dgrad", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad"]

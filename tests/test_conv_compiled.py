@@ -1,0 +1,348 @@
+"""The compiled fused forward convolution, fused_resnet_C::conv_fwd (csrc/ops.cpp), and the convolution
+implementation "cuda" of fused_resnet.dispatch that runs it (fused_resnet/ops/conv_compiled.py).
+
+On this CPU the op runs its C++ twin (csrc/cpu/conv_cpu.cpp: ATen's convolution around the C++ BatchNorm
+kernels), the same schema the CUTLASS kernels (csrc/cuda/conv/) implement on CUDA. Checked here: opcheck of
+the schema and fake; the contract (prologue, eval epilogue, statistics, output layout) against a float64
+reference by the 2x-eager rule over the ResNet shapes of tests/test_conv.py, both memory formats; the
+conv_stats custom op with impl="cuda" forward and backward; dispatch's rules for "cuda" (never chosen on CPU,
+not in the automatic choice until GPU-validated). The CUTLASS kernels themselves are only compile-checked
+(tests/test_build.py); their GPU parity is for a CUDA machine (skipped here).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import backends, dispatch
+from fused_resnet.ops import conv_compiled
+from helpers import assert_2x_eager
+
+pytestmark = pytest.mark.skipif(not backends.extension_loaded(), reason="needs the compiled extension")
+
+# name: (N, C, H, W, K, R, S, stride, padding, dilation, groups), as tests/test_conv.py, plus CUTLASS-aligned ones.
+CASES = {
+    "1x1": (2, 65, 5, 7, 33, 1, 1, 1, 0, 1, 1),
+    "1x1_s2_odd": (1, 24, 9, 7, 40, 1, 1, 2, 0, 1, 1),
+    "3x3": (2, 16, 6, 5, 24, 3, 3, 1, 1, 1, 1),
+    "3x3_s2_odd": (1, 20, 9, 7, 17, 3, 3, 2, 1, 1, 1),
+    "3x3_dil2": (2, 16, 9, 8, 16, 3, 3, 1, 2, 2, 1),
+    "3x3_groups": (2, 32, 6, 6, 32, 3, 3, 1, 1, 1, 4),
+    "7x7_s2_stem": (1, 3, 17, 15, 16, 7, 7, 2, 3, 1, 1),
+    "1x1_map": (3, 65, 1, 1, 20, 1, 1, 1, 0, 1, 1),
+    "3x3_batch1_c8": (1, 8, 7, 9, 16, 3, 3, 1, 1, 1, 1),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(case, dtype, memory_format, seed=0):
+    N, C, H, W, K, R, S, stride, padding, dilation, groups = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * 1.5 + 0.4
+    w = torch.randn(K, C // groups, R, S, generator=g, dtype=torch.float64) / (C // groups * R * S) ** 0.5
+    mean = torch.randn(C, generator=g, dtype=torch.float64) * 0.3 + 0.4
+    invstd = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    bn_w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    # Shifts above 0: relu(0 * scale + shift) > 0, so padding must be zero after the transform, not before.
+    bn_b = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(K, generator=g, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    fmt = dict(memory_format=memory_format)
+    return dict(x=x.to(dtype).contiguous(**fmt), w=w.to(dtype).contiguous(**fmt), mean=mean.to(acc),
+                invstd=invstd.to(acc), bn_w=bn_w.to(acc), bn_b=bn_b.to(acc), bias=bias.to(acc))
+
+
+def _eager(t, case, prologue, eval_epilogue, residual):
+    """The contract in eager PyTorch ops: the BatchNorm apply in the accumulation dtype, the convolution and
+    epilogue in x's dtype (float64 inputs give the reference)."""
+    *_, stride, padding, dilation, groups = CASES[case]
+    x = t["x"]
+    a = x
+    if prologue:
+        scale = t["invstd"] * t["bn_w"]
+        a = torch.relu((x.to(scale.dtype) - t["mean"][:, None, None]) * scale[:, None, None]
+                       + t["bn_b"][:, None, None]).to(x.dtype)
+    y = F.conv2d(a, t["w"], None, stride, padding, dilation, groups)
+    if eval_epilogue:
+        z = y.to(t["bias"].dtype) + t["bias"][:, None, None]
+        if residual is not None:
+            z = z + residual.to(z.dtype)
+        y = torch.relu(z).to(x.dtype)
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    return y, mean, var * (y.shape[0] * y.shape[2] * y.shape[3])
+
+
+def _compiled(t, case, prologue, eval_epilogue, residual, stats=True):
+    *_, stride, padding, dilation, groups = CASES[case]
+    p = (t["mean"], t["invstd"], t["bn_w"], t["bn_b"], True) if prologue else None
+    fwd = dispatch.conv_functions("cuda", "cpu").fwd  # asked for explicitly: the C++ twin on CPU tensors
+    return fwd(t["x"], t["w"], [stride] * 2, [padding] * 2, [dilation] * 2, groups, prologue=p, stats=stats,
+               bias=t["bias"] if eval_epilogue else None, residual=residual, relu=eval_epilogue)
+
+
+def _residual(t, case, dtype, memory_format):
+    N, C, H, W, K, R, S, stride, padding, dilation, groups = CASES[case]
+    ho = (H + 2 * padding - dilation * (R - 1) - 1) // stride + 1
+    wo = (W + 2 * padding - dilation * (S - 1) - 1) // stride + 1
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, K, ho, wo, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+
+
+def _half_conv_on_cpu(dtype) -> bool:
+    try:
+        F.conv2d(torch.ones(1, 1, 2, 2, dtype=dtype), torch.ones(1, 1, 1, 1, dtype=dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv_stats", "conv_bias_residual_relu"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_matches_float64(case, dtype, memory_format, variant):
+    """Output (in x's memory format) and statistics by the 2x-eager rule against float64."""
+    if not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU convolution in {dtype}")
+    prologue, eval_epilogue = variant == "bn_relu_conv_stats", variant == "conv_bias_residual_relu"
+    t = _inputs(case, dtype, memory_format)
+    t64 = {k: v.double() for k, v in t.items()}
+    res = _residual(t, case, dtype, memory_format) if eval_epilogue else None
+    ref = _eager(t64, case, prologue, eval_epilogue, None if res is None else res.double())
+    eager = _eager(t, case, prologue, eval_epilogue, res)
+    y, stats = _compiled(t, case, prologue, eval_epilogue, res)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format), "x's dtype and memory format"
+    assert stats.dtype == torch.float64 and stats.shape == (3, y.shape[1])
+    assert torch.all(stats[0] == y.shape[0] * y.shape[2] * y.shape[3]), "count"
+    floor = FLOORS[dtype]
+    assert_2x_eager(f"{case} y", y, eager[0], ref[0], dtype, floor)
+    assert_2x_eager(f"{case} mean", stats[1], eager[1], ref[1], dtype, floor)
+    assert_2x_eager(f"{case} m2", stats[2], eager[2], ref[2], dtype, floor)
+
+
+def test_float64_is_exact_to_rounding():
+    t = _inputs("3x3_s2_odd", torch.float64, torch.channels_last)
+    ref = _eager(t, "3x3_s2_odd", True, False, None)
+    y, stats = _compiled(t, "3x3_s2_odd", True, False, None)
+    torch.testing.assert_close(y, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats[1], ref[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats[2], ref[2], rtol=1e-10, atol=1e-12)
+    y2, none = _compiled(t, "3x3_s2_odd", True, False, None, stats=False)
+    assert none is None and torch.equal(y2, y)
+
+
+def _wgrad_eager(t, grad, case, prologue):
+    """dw of sum(grad * conv2d(a, w)) in eager ops, a = the prologue's output in x's dtype (float64: reference)."""
+    *_, stride, padding, dilation, groups = CASES[case]
+    x = t["x"]
+    a = x
+    if prologue:
+        scale = t["invstd"] * t["bn_w"]
+        a = torch.relu((x.to(scale.dtype) - t["mean"][:, None, None]) * scale[:, None, None]
+                       + t["bn_b"][:, None, None]).to(x.dtype)
+    w = t["w"].detach().clone().requires_grad_()
+    (F.conv2d(a, w, None, stride, padding, dilation, groups) * grad).sum().backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu", "plain"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_wgrad_matches_float64(case, dtype, memory_format, prologue):
+    """conv_wgrad with the prologue recomputed, by the 2x-eager rule against float64; dw in x's memory format."""
+    if not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU convolution in {dtype}")
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, memory_format)
+    t64 = {k: v.double() for k, v in t.items()}
+    grad = _residual(t, case, dtype, memory_format)
+    ref = _wgrad_eager(t64, grad.double(), case, prologue)
+    eager = _wgrad_eager(t, grad, case, prologue)
+    p = (t["mean"], t["invstd"], t["bn_w"], t["bn_b"], True) if prologue else None
+    dw = dispatch.conv_functions("cuda", "cpu").wgrad(grad, t["x"], t["w"].shape, [stride] * 2, [padding] * 2,
+                                                      [dilation] * 2, groups, dtype, p)
+    assert dw.dtype == dtype and dw.shape == t["w"].shape and dw.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} dw", dw, eager, ref, dtype, FLOORS[dtype])
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_dgrad_matches_float64(case, dtype, memory_format):
+    """conv_dgrad by the 2x-eager rule against float64; dx in grad_out's memory format."""
+    if not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU convolution in {dtype}")
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, memory_format)
+    grad = _residual(t, case, dtype, memory_format)
+
+    def eager(x, w, g):
+        x = x.detach().clone().requires_grad_()
+        (F.conv2d(x, w, None, stride, padding, dilation, groups) * g).sum().backward()
+        return x.grad
+
+    ref = eager(t["x"].double(), t["w"].double(), grad.double())
+    dx = dispatch.conv_functions("cuda", "cpu").dgrad(grad, t["w"], t["x"].shape, [stride] * 2, [padding] * 2,
+                                                      [dilation] * 2, groups, dtype, memory_format)
+    assert dx.dtype == dtype and dx.shape == t["x"].shape and dx.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} dx", dx, eager(t["x"], t["w"], grad), ref, dtype, FLOORS[dtype])
+
+
+def _op_args(t, case, prologue, eval_epilogue, residual, stats):
+    *_, stride, padding, dilation, groups = CASES[case]
+    return (t["x"], t["w"], *((t["mean"], t["invstd"], t["bn_w"], t["bn_b"]) if prologue else (None,) * 4), prologue,
+            t["bias"] if eval_epilogue else None, residual, eval_epilogue, [stride] * 2, [padding] * 2,
+            [dilation] * 2, groups, stats)
+
+
+@pytest.mark.parametrize("case", ["3x3_s2_odd", "1x1", "3x3_groups"])
+@pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv", "conv_bias_residual_relu"])
+def test_opcheck(case, variant):
+    """Schema, fake (output shape, dtype, strides) and dispatcher registration of fused_resnet_C::conv_fwd."""
+    prologue, eval_epilogue = variant == "bn_relu_conv_stats", variant == "conv_bias_residual_relu"
+    t = _inputs(case, torch.float32, torch.channels_last)
+    res = _residual(t, case, torch.float32, torch.channels_last) if eval_epilogue else None
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_fwd.default,
+                          _op_args(t, case, prologue, eval_epilogue, res, variant != "conv"))
+
+
+@pytest.mark.parametrize("case", ["3x3_s2_odd", "1x1", "3x3_groups"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu", "plain"])
+def test_opcheck_wgrad(case, prologue):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float32, torch.channels_last)
+    grad = _residual(t, case, torch.float32, torch.channels_last)
+    bn = (t["mean"], t["invstd"], t["bn_w"], t["bn_b"]) if prologue else (None,) * 4
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_wgrad.default,
+                          (grad, t["x"], list(t["w"].shape), *bn, prologue, [stride] * 2, [padding] * 2,
+                           [dilation] * 2, groups))
+
+
+@pytest.mark.parametrize("case", ["3x3_s2_odd", "1x1", "3x3_groups", "3x3_dil2"])
+def test_opcheck_dgrad(case):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float32, torch.channels_last)
+    grad = _residual(t, case, torch.float32, torch.channels_last)
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_dgrad.default,
+                          (grad, t["w"], list(t["x"].shape), [stride] * 2, [padding] * 2, [dilation] * 2, groups))
+
+
+@pytest.mark.parametrize("args, takes", [
+    (dict(), True),
+    (dict(dtype=torch.bfloat16), False),
+    (dict(dilation=(2, 2)), False),   # CUTLASS's strided dgrad takes no dilation
+    (dict(groups=2), False),
+    (dict(C=12), False),
+    (dict(K=20), False),
+])
+def test_cutlass_takes_dgrad(args, takes):
+    a = dict(dtype=torch.float16, C=16, K=24, groups=1, dilation=(1, 1)) | args
+    g = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"])
+    w = torch.empty(a["K"], a["C"] // a["groups"], 3, 3, dtype=a["dtype"])
+    assert conv_compiled.cutlass_takes_dgrad(g, w, (2, a["C"], 5, 5), a["dilation"], a["groups"]) == takes
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("weight_dtype", "weight has dtype"),
+    ("mean_without_invstd", "mean and invstd must be given together"),
+    ("bn_weight_without_mean", "without mean and invstd"),
+    ("mean_dtype", "mean must be"),
+    ("stride", "stride must have 2 elements"),
+    ("groups", "groups"),
+    ("bias_length", "bias must have shape"),
+])
+def test_argument_errors(bad, message):
+    t = _inputs("3x3", torch.float32, torch.channels_last)
+    args = list(_op_args(t, "3x3", True, False, None, True))
+    if bad == "weight_dtype":
+        args[1] = args[1].double()
+    elif bad == "mean_without_invstd":
+        args[3] = None
+    elif bad == "bn_weight_without_mean":
+        args[2] = args[3] = None
+    elif bad == "mean_dtype":
+        args[2] = args[2].double()
+    elif bad == "stride":
+        args[10] = [1, 1, 1]
+    elif bad == "groups":
+        args[13] = 3
+    elif bad == "bias_length":
+        args[7] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fused_resnet_C.conv_fwd(*args)
+
+
+def test_conv_stats_op_with_the_cuda_impl_matches_aten():
+    """The conv_stats custom op run with impl="cuda" (the compiled op; backward: ATen's dgrad and wgrad with the
+    backend's BatchNorm) gives the "aten" implementation's output, statistics and gradients."""
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(24, 16, 3, 3, dtype=torch.float64) / 12).contiguous(memory_format=torch.channels_last)
+    stats = torch.ops.fused_resnet_C.bn_stats(x)
+    mean, invstd = torch.ops.fused_resnet_C.bn_finalize(stats, None, None, None, 0.1, 1e-5, torch.float64)
+    bn_w, bn_b = torch.rand(16, dtype=torch.float64) + 0.5, torch.rand(16, dtype=torch.float64)
+    grad = torch.randn(2, 24, 4, 3, dtype=torch.float64)
+    outs = []
+    for impl in ("aten", "cuda"):
+        xi, wi, bwi, bbi = (t.detach().clone().requires_grad_() for t in (x, w, bn_w, bn_b))
+        y, s = torch.ops.fused_resnet.conv_stats(xi, wi, [2, 2], [1, 1], [1, 1], 1, mean, invstd, bwi, bbi,
+                                                 stats[0].clone(), True, impl, "cpu", None)
+        (y * grad).sum().backward()
+        outs.append((y, s, xi.grad, wi.grad, bwi.grad, bbi.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_extension_reports_the_cutlass_build():
+    import fused_resnet._C as ext
+
+    assert isinstance(ext.WITH_CUTLASS, bool) and isinstance(ext.WITH_CUDA, bool)
+    assert conv_compiled.cutlass_built() == ext.WITH_CUTLASS
+    if not ext.WITH_CUDA:
+        assert not ext.WITH_CUTLASS  # the CUTLASS convolutions are part of the CUDA build
+    for op in ("conv_fwd", "conv_wgrad", "conv_dgrad"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet_C::{op}", "CUDA") == ext.WITH_CUTLASS
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet_C::{op}", "CPU")
+    assert backends.build_info()["extension_cutlass_convolutions"] == ext.WITH_CUTLASS
+
+
+def test_dispatch_never_picks_cuda_on_cpu_or_automatically(monkeypatch):
+    assert "cuda" in dispatch.CONV_IMPLS and not dispatch.CUDA_CONV_AUTO
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float16)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float16)
+    assert not dispatch.supports_conv("cuda", x, w)
+    for backend in ("cuda", "cpu", "eager"):
+        assert dispatch.conv_choice(backend, x, w, [1, 1], [1, 1], [1, 1], 1, True, "bn_conv") == "aten"
+    monkeypatch.setattr(dispatch, "_conv_override", "cuda")
+    # Asked for but not applicable (CPU tensors): the fallback, as for "triton".
+    assert dispatch.conv_choice("cuda", x, w, [1, 1], [1, 1], [1, 1], 1, True, "bn_conv") == "aten"
+    dispatch.set_conv_impl("cuda")
+    dispatch.set_conv_impl(None)
+    with pytest.raises(ValueError):
+        dispatch.set_conv_impl("cutlass")
+
+
+@pytest.mark.parametrize("args, takes", [
+    (dict(), True),
+    (dict(dtype=torch.bfloat16), False),     # bf16 needs its own prologue transform (not written yet)
+    (dict(C=12), False),                     # C % 8
+    (dict(K=20), False),                     # K % 8
+    (dict(groups=2), False),
+    (dict(prologue=False), False),           # CUTLASS's transform always applies the ReLU
+    (dict(relu_in=False), False),
+    (dict(bias=True), False),                # prologue and eval epilogue together: not instantiated
+    (dict(prologue=False, bias=True), True),  # eval epilogue: bias + ReLU
+    (dict(prologue=False, bias=True, residual=True), True),
+    (dict(prologue=False, bias=True, relu=False), False),  # without its ReLU: not instantiated
+    (dict(prologue=False, bias=True, C=12), False),
+])
+def test_cutlass_takes(args, takes):
+    a = dict(dtype=torch.float16, C=16, K=24, groups=1, prologue=True, relu_in=True, bias=False, residual=False,
+             relu=None) | args
+    x = torch.empty(2, a["C"], 5, 5, dtype=a["dtype"])
+    w = torch.empty(a["K"], a["C"] // a["groups"], 3, 3, dtype=a["dtype"])
+    p = (None, None, None, None, a["relu_in"]) if a["prologue"] else None
+    bias = torch.empty(a["K"]) if a["bias"] else None
+    residual = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"]) if a["residual"] else None
+    relu = a["bias"] if a["relu"] is None else a["relu"]
+    assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, residual, relu) == takes
