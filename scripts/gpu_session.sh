@@ -6,7 +6,10 @@
 #   bash scripts/gpu_session.sh                 # build warmup test conv bn e2e summary (~8 min in all)
 #   bash scripts/gpu_session.sh test conv       # chosen steps (build first if the extension is not built)
 #
-#   build    CUDA build of fused_resnet._C (sm_90)                                  <= 150 s
+#   build    CUDA build of fused_resnet._C (sm_90), with the CUTLASS convolutions when the nvidia-cutlass
+#            wheel travels along in .whl/ (the machine has no registry; here, in the repository root:
+#            echo /.whl/ >> .git/info/exclude && python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl
+#            and name .whl in the call's carry)                                     <= 150 s
 #   warmup   Triton kernels for ResNet-50 compiled in parallel into Triton's cache    <=  60 s
 #            (python -m fused_resnet.kernels.warmup: the later steps would compile them one by one)
 #   test     the GPU-only tests: bf16 and the cuda / triton backends (models, fused convolutions, BN ops)
@@ -49,7 +52,14 @@ for step in "${steps[@]}"; do
         sed -i -e 's/^license = "BSD-3-Clause"/license = { text = "BSD-3-Clause" }/' -e '/^license-files/d' pyproject.toml
         echo "setuptools < 77: pyproject.toml's license rewritten to the table form for this build" | tee -a "$OUT/versions.txt"
       fi
-      FUSED_RESNET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+      cutlass=0
+      if compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          .whl/nvidia_cutlass-*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" && cutlass=1
+      fi
+      echo "CUTLASS convolutions: FUSED_RESNET_CUTLASS=$cutlass" | tee -a "$OUT/versions.txt"
+      FUSED_RESNET_CUTLASS=$cutlass FUSED_RESNET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+        MAX_JOBS="${MAX_JOBS:-16}" \
         run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e . \
         || { echo "BUILD FAILED"; grep -n "error" "$OUT/build.log" | head -40; exit 1; }
       "$PY" -c "import fused_resnet, json; print(json.dumps(fused_resnet.build_info(), indent=1))" >"$OUT/build_info.json"
@@ -62,8 +72,10 @@ for step in "${steps[@]}"; do
       # and the CUDA-only model tests.
       # Order: the model tests first (ResNet-50 bf16 parity, CUDA graphs, torchvision; their kernels are the
       # warmed-up ones), then the convolutions (each test compiles its own small-shape variants), then BN.
+      # Then the CUTLASS kernels (tests/test_conv_compiled.py: *_on_cuda_*, skipped without the CUTLASS build).
       run_step test 130 "$PY" -m pytest tests/test_models_cuda.py tests/test_conv.py tests/test_batch_norm_parity.py \
-        tests/test_op_registration.py -q -p no:cacheprovider -rfs -k "cuda" --maxfail=30 --junitxml="$OUT/tests.xml"
+        tests/test_op_registration.py tests/test_conv_compiled.py -q -p no:cacheprovider -rfs -k "cuda" \
+        --maxfail=30 --junitxml="$OUT/tests.xml"
       ;;
     conv)
       run_step conv 60 "$PY" benchmarks/bench_conv.py --out "$OUT"

@@ -346,3 +346,74 @@ def test_cutlass_takes(args, takes):
     residual = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"]) if a["residual"] else None
     relu = a["bias"] if a["relu"] is None else a["relu"]
     assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, residual, relu) == takes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUTLASS kernels themselves, on a CUDA device (skipped without one, or without the CUTLASS build). fp16,
+# the shapes whose channel counts are multiples of 8 (what the instantiations take; cutlass_takes is asserted,
+# so that a silent fallback to ATen cannot pass for them). Reference: float64 on CPU; eager: fp16 on the GPU.
+
+needs_cutlass_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and conv_compiled.cutlass_built()),
+                                       reason="needs a CUDA device and the CUTLASS build (FUSED_RESNET_CUTLASS)")
+GPU_CASES = ["1x1_s2_odd", "3x3", "3x3_dil2", "3x3_batch1_c8"]
+
+
+def _on_cuda(t: dict) -> dict:
+    return {k: v.cuda() for k, v in t.items()}  # .cuda() keeps each tensor's strides (memory format)
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv_bias_residual_relu"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_cutlass_on_cuda_fwd_matches_float64(case, memory_format, variant):
+    prologue, eval_epilogue = variant == "bn_relu_conv_stats", variant == "conv_bias_residual_relu"
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float16, memory_format)
+    res = _residual(t, case, torch.float16, memory_format) if eval_epilogue else None
+    ref = _eager({k: v.double() for k, v in t.items()}, case, prologue, eval_epilogue,
+                 None if res is None else res.double())
+    tc, resc = _on_cuda(t), None if res is None else res.cuda()
+    eager = _eager(tc, case, prologue, eval_epilogue, resc)
+    p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True) if prologue else None
+    bias = tc["bias"] if eval_epilogue else None
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, bias, resc, eval_epilogue)
+    y, stats = dispatch.conv_functions("cuda", "cuda").fwd(tc["x"], tc["w"], [stride] * 2, [padding] * 2,
+                                                            [dilation] * 2, groups, prologue=p, stats=True,
+                                                            bias=bias, residual=resc, relu=eval_epilogue)
+    torch.cuda.synchronize()
+    assert y.dtype == torch.float16 and y.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} y", y, eager[0], ref[0], torch.float16, FLOORS[torch.float16])
+    assert_2x_eager(f"{case} mean", stats[1], eager[1], ref[1], torch.float16, FLOORS[torch.float16])
+    assert_2x_eager(f"{case} m2", stats[2], eager[2], ref[2], torch.float16, FLOORS[torch.float16])
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, memory_format):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float16, memory_format)
+    grad = _residual(t, case, torch.float16, memory_format)
+    t64 = {k: v.double() for k, v in t.items()}
+    tc, gc = _on_cuda(t), grad.cuda()
+    p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
+    fns = dispatch.conv_functions("cuda", "cuda")
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False)
+    dw = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, torch.float16, p)
+    assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, gc, case, True), _wgrad_eager(t64, grad.double(), case, True),
+                    torch.float16, FLOORS[torch.float16])
+    if not conv_compiled.cutlass_takes_dgrad(gc, tc["w"], tc["x"].shape, [dilation] * 2, groups):
+        return  # dilation: the dgrad instantiation does not take it (falls back to ATen by design)
+
+    def eager_dx(x, w, g):
+        x = x.detach().clone().requires_grad_()
+        (F.conv2d(x, w, None, stride, padding, dilation, groups) * g).sum().backward()
+        return x.grad
+
+    dx = fns.dgrad(gc, tc["w"], tc["x"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, torch.float16,
+                   memory_format)
+    torch.cuda.synchronize()
+    assert dx.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} dx", dx, eager_dx(tc["x"], tc["w"], gc), eager_dx(t64["x"], t64["w"], grad.double()),
+                    torch.float16, FLOORS[torch.float16])
