@@ -22,7 +22,7 @@ from .. import backends
 HELP = "versions, build, backends (and why each is or is not available), devices, environment"
 ENV_VARS = ("FUSED_RESNET_BACKEND", "FUSED_RESNET_CONV", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES",
             "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FUSED_RESNET_CUDA", "TORCH_CUDA_ARCH_LIST",
-            "CUDA_HOME", "MAX_JOBS")
+            "FUSED_RESNET_CUTLASS", "CUDA_HOME", "MAX_JOBS")
 OPTIONAL = ("triton", "numpy", "matplotlib", "scikit-learn", "pillow", "torchvision")
 
 
