@@ -456,10 +456,11 @@ def conv2d(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: i
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     backend = backends.resolve(backend, x.device)
     dtype = conv_dtype_for(x, weight)
-    impl = _choose(backend, x.to(dtype), weight.to(dtype), stride, padding, dilation, groups, None, "conv_plain")
+    xc, wc = x.to(dtype), weight.to(dtype)  # the dtype the convolution runs in (autocast's cast, once)
+    impl = _choose(backend, xc, wc, stride, padding, dilation, groups, None, "conv_plain")
     if impl == "aten":
         return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-    return conv_call(x.to(dtype), weight.to(dtype), stride, padding, dilation, groups, impl, backend)
+    return conv_call(xc, wc, stride, padding, dilation, groups, impl, backend)
 
 
 def conv2d_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
