@@ -2,10 +2,11 @@
 # CI compile check of the CUDA sources, on a machine without a GPU (and with the CPU torch wheel):
 #   (a) nvcc -c every csrc/cuda/*.cu for sm_90 (device code: no torch headers), with the half/bfloat16
 #       flags torch's CUDAExtension uses, warnings as errors;
-#   (b) nvcc -c every csrc/cuda/conv/*.cu (the CUTLASS fused convolutions, one instantiation per file) for each
-#       of CUTLASS_ARCHS (default "sm_80 sm_90"), with the CUTLASS headers of the pinned nvidia-cutlass wheel
-#       (found by setup.py's cutlass_include()); skipped with a note when the wheel is missing, unless
-#       FUSED_RESNET_CUTLASS=1 (then an error); FUSED_RESNET_CUTLASS=0 skips it. Prints each file's time.
+#   (b) nvcc -c every csrc/cuda/conv/*.cu (the CUTLASS fused convolutions, one instantiation per file) for all
+#       of CUTLASS_ARCHS (default "sm_80 sm_90") in one call, with the CUTLASS headers of the pinned
+#       nvidia-cutlass wheel (found by setup.py's cutlass_include()); skipped with a note when the wheel is
+#       missing, unless FUSED_RESNET_CUTLASS=1 (then an error); FUSED_RESNET_CUTLASS=0 skips it. Prints each
+#       file's time, registers and spills (a spill fails the check), then checks the SASS (check_sass below).
 #   (c) g++ -fsyntax-only every csrc/cuda/*.cpp and csrc/cuda/conv/*.cpp (the torch bindings) against the CPU
 #       wheel's headers plus the CUDA toolkit's, with a stub for the one generated c10/cuda header the CPU
 #       wheel lacks, and -DFUSED_RESNET_WITH_CUTLASS: the CUTLASS bindings include only the torch-free
@@ -85,6 +86,44 @@ for f in "${CU_FILES[@]}"; do
   fi
 done
 
+# SASS checks of the CUTLASS objects, with cuobjdump (the CUDA toolkit's, else the one in the triton wheel;
+# skipped with a note when neither exists). They check what the source cannot say by itself:
+#   - the tensor-core instruction of the element type (HMMA.16816.F32 on fp16, HMMA.16816.F32.BF16 on bf16);
+#   - in the bf16 prologue kernels, that our transform (bf16_scale_bias_relu.cuh) was the one instantiated:
+#     its fp32 -> bf16 pack (F2FP.BF16.F32.PACK) present and no HFMA2 (the fp16 transform, fma.rn.f16x2.relu,
+#     on bf16 data would be garbage, silently).
+CUOBJDUMP="${CUOBJDUMP:-}"
+if [[ -z "${CUOBJDUMP}" ]]; then
+  if [[ -x "${CUDA_HOME}/bin/cuobjdump" ]]; then
+    CUOBJDUMP="${CUDA_HOME}/bin/cuobjdump"
+  else
+    CUOBJDUMP="$("${PYTHON}" -c 'import os, triton; p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"); print(p if os.access(p, os.X_OK) else "")' 2>/dev/null || true)"
+  fi
+fi
+
+[[ -n "${CUOBJDUMP}" ]] || echo "check_cuda_compile: note: no cuobjdump (CUDA toolkit or triton wheel): SASS checks skipped"
+
+check_sass() {  # check_sass SOURCE OBJECT
+  local f="$1" obj="$2" sass="${TMP}/sass.txt" ok=0
+  "${CUOBJDUMP}" -sass "${obj}" >"${sass}" || { echo "check_cuda_compile: FAILED: cuobjdump ${obj}" >&2; return 1; }
+  case "${f}" in
+    *_bf16.cu)
+      grep -q 'HMMA\.16816\.F32\.BF16' "${sass}" || { echo "check_cuda_compile: FAILED: ${f}: no bf16 HMMA" >&2; ok=1; }
+      case "${f}" in
+        *bn_relu_bf16.cu)
+          grep -q 'F2FP\.BF16\.F32\.PACK' "${sass}" \
+            || { echo "check_cuda_compile: FAILED: ${f}: the bf16 prologue transform is not in the code" >&2; ok=1; }
+          if grep -q 'HFMA2' "${sass}"; then
+            echo "check_cuda_compile: FAILED: ${f}: HFMA2 in a bf16 kernel (CUTLASS's fp16 transform instantiated?)" >&2
+            ok=1
+          fi ;;
+      esac ;;
+    *_f16.cu)
+      grep -q 'HMMA\.16816\.F32 ' "${sass}" || { echo "check_cuda_compile: FAILED: ${f}: no fp16 HMMA" >&2; ok=1; } ;;
+  esac
+  return "${ok}"
+}
+
 # (b) The CUTLASS instantiations. CUTLASS's headers come in with -isystem (they warn under -Wall; our own
 # files keep -Werror) and need --expt-relaxed-constexpr (constexpr host functions called from host-device
 # code), as in setup.py.
@@ -116,19 +155,35 @@ print(why)
     echo "check_cuda_compile: note: CUTLASS convolutions NOT compiled: ${CUTLASS_WHY}"
   else
     echo "check_cuda_compile: ${CUTLASS_WHY}"
+    # One nvcc call per file for all of CUTLASS_ARCHS (-gencode each): the host side and the front end run
+    # once, not once per architecture.
+    flags=()
+    for flag in "${NVCC_FLAGS[@]}"; do [[ "${flag}" == -arch=* ]] || flags+=("${flag}"); done
+    for arch in ${CUTLASS_ARCHS}; do
+      flags+=(-gencode "arch=compute_${arch#sm_},code=${arch}")
+    done
     for f in "${CONV_FILES[@]}"; do
-      for arch in ${CUTLASS_ARCHS}; do
-        flags=("${NVCC_FLAGS[@]}")
-        flags=("${flags[@]/-arch=${CUDA_ARCH}/-arch=${arch}}")
-        t_start=${SECONDS}
-        if ! "${NVCC}" "${flags[@]}" -DFUSED_RESNET_WITH_CUTLASS -isystem "${CUTLASS_INC}" \
-            --expt-relaxed-constexpr -c "${f}" -o "${TMP}/$(basename "${f}").${arch}.o"; then
-          echo "check_cuda_compile: FAILED: ${f} (${arch})" >&2
-          status=1
-        fi
-        echo "check_cuda_compile: nvcc ${f} ${arch}: $(( SECONDS - t_start )) s"
-        n_conv=$(( n_conv + 1 ))
-      done
+      obj="${TMP}/$(basename "${f}").o"
+      t_start=${SECONDS}
+      if ! "${NVCC}" "${flags[@]}" -DFUSED_RESNET_WITH_CUTLASS -isystem "${CUTLASS_INC}" \
+          --expt-relaxed-constexpr -Xptxas -v -c "${f}" -o "${obj}" 2>"${TMP}/ptxas.log"; then
+        cat "${TMP}/ptxas.log" >&2
+        echo "check_cuda_compile: FAILED: ${f}" >&2
+        status=1
+        continue
+      fi
+      # ptxas -v: one "Used N registers" and one "spill stores" line per kernel and architecture.
+      regs="$(grep -o 'Used [0-9]* registers' "${TMP}/ptxas.log" | awk '{print $2}' | sort -n | tail -n 1)"
+      spills="$(grep -o '[0-9]* bytes spill stores' "${TMP}/ptxas.log" | awk '{s += $1} END {print s + 0}')"
+      echo "check_cuda_compile: nvcc ${f} (${CUTLASS_ARCHS}): $(( SECONDS - t_start )) s, ${regs:-?} registers, ${spills} bytes spilled"
+      n_conv=$(( n_conv + 1 ))
+      if (( spills > 0 )); then
+        echo "check_cuda_compile: FAILED: ${f} spills registers to local memory" >&2
+        status=1
+      fi
+      if [[ -n "${CUOBJDUMP}" ]]; then
+        check_sass "${f}" "${obj}" || status=1
+      fi
     done
   fi
 fi
@@ -167,4 +222,4 @@ if (( status != 0 )); then
   echo "check_cuda_compile: FAILED" >&2
   exit 1
 fi
-echo "check_cuda_compile: OK (${#CU_FILES[@]} .cu, ${n_conv} CUTLASS .cu x arch, ${#CPP_FILES[@]} .cpp)"
+echo "check_cuda_compile: OK (${#CU_FILES[@]} .cu, ${n_conv} CUTLASS .cu for ${CUTLASS_ARCHS}, ${#CPP_FILES[@]} .cpp)"

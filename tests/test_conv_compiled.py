@@ -230,7 +230,8 @@ def test_opcheck_dgrad(case):
 
 @pytest.mark.parametrize("args, takes", [
     (dict(), True),
-    (dict(dtype=torch.bfloat16), False),
+    (dict(dtype=torch.bfloat16), True),
+    (dict(dtype=torch.float32), False),
     (dict(dilation=(2, 2)), False),   # CUTLASS's strided dgrad takes no dilation
     (dict(groups=2), False),
     (dict(C=12), False),
@@ -324,7 +325,9 @@ def test_dispatch_never_picks_cuda_on_cpu_or_automatically(monkeypatch):
 
 @pytest.mark.parametrize("args, takes", [
     (dict(), True),
-    (dict(dtype=torch.bfloat16), False),     # bf16 needs its own prologue transform (not written yet)
+    (dict(dtype=torch.bfloat16), True),      # our transform (csrc/cuda/conv/bf16_scale_bias_relu.cuh)
+    (dict(dtype=torch.bfloat16, prologue=False, bias=True), True),
+    (dict(dtype=torch.float32), False),      # 16-bit instantiations only
     (dict(C=12), False),                     # C % 8
     (dict(K=20), False),                     # K % 8
     (dict(groups=2), False),
@@ -349,9 +352,10 @@ def test_cutlass_takes(args, takes):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The CUTLASS kernels themselves, on a CUDA device (skipped without one, or without the CUTLASS build). fp16,
-# the shapes whose channel counts are multiples of 8 (what the instantiations take; cutlass_takes is asserted,
-# so that a silent fallback to ATen cannot pass for them). Reference: float64 on CPU; eager: fp16 on the GPU.
+# The CUTLASS kernels themselves, on a CUDA device (skipped without one, or without the CUTLASS build). fp16
+# and bf16, the shapes whose channel counts are multiples of 8 (what the instantiations take; cutlass_takes is asserted,
+# so that a silent fallback to ATen cannot pass for them). Reference: float64 on CPU; eager: the same dtype on
+# the GPU.
 
 needs_cutlass_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and conv_compiled.cutlass_built()),
                                        reason="needs a CUDA device and the CUTLASS build (FUSED_RESNET_CUTLASS)")
@@ -362,15 +366,19 @@ def _on_cuda(t: dict) -> dict:
     return {k: v.cuda() for k, v in t.items()}  # .cuda() keeps each tensor's strides (memory format)
 
 
+GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @needs_cutlass_gpu
 @pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv_bias_residual_relu"])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_cutlass_on_cuda_fwd_matches_float64(case, memory_format, variant):
+def test_cutlass_on_cuda_fwd_matches_float64(case, dtype, memory_format, variant):
     prologue, eval_epilogue = variant == "bn_relu_conv_stats", variant == "conv_bias_residual_relu"
     *_, stride, padding, dilation, groups = CASES[case]
-    t = _inputs(case, torch.float16, memory_format)
-    res = _residual(t, case, torch.float16, memory_format) if eval_epilogue else None
+    t = _inputs(case, dtype, memory_format)
+    res = _residual(t, case, dtype, memory_format) if eval_epilogue else None
     ref = _eager({k: v.double() for k, v in t.items()}, case, prologue, eval_epilogue,
                  None if res is None else res.double())
     tc, resc = _on_cuda(t), None if res is None else res.cuda()
@@ -382,27 +390,28 @@ def test_cutlass_on_cuda_fwd_matches_float64(case, memory_format, variant):
                                                             [dilation] * 2, groups, prologue=p, stats=True,
                                                             bias=bias, residual=resc, relu=eval_epilogue)
     torch.cuda.synchronize()
-    assert y.dtype == torch.float16 and y.is_contiguous(memory_format=memory_format)
-    assert_2x_eager(f"{case} y", y, eager[0], ref[0], torch.float16, FLOORS[torch.float16])
-    assert_2x_eager(f"{case} mean", stats[1], eager[1], ref[1], torch.float16, FLOORS[torch.float16])
-    assert_2x_eager(f"{case} m2", stats[2], eager[2], ref[2], torch.float16, FLOORS[torch.float16])
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    assert_2x_eager(f"{case} y", y, eager[0], ref[0], dtype, FLOORS[dtype])
+    assert_2x_eager(f"{case} mean", stats[1], eager[1], ref[1], dtype, FLOORS[dtype])
+    assert_2x_eager(f"{case} m2", stats[2], eager[2], ref[2], dtype, FLOORS[dtype])
 
 
 @needs_cutlass_gpu
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, memory_format):
+def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, dtype, memory_format):
     *_, stride, padding, dilation, groups = CASES[case]
-    t = _inputs(case, torch.float16, memory_format)
-    grad = _residual(t, case, torch.float16, memory_format)
+    t = _inputs(case, dtype, memory_format)
+    grad = _residual(t, case, dtype, memory_format)
     t64 = {k: v.double() for k, v in t.items()}
     tc, gc = _on_cuda(t), grad.cuda()
     p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
     fns = dispatch.conv_functions("cuda", "cuda")
     assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False)
-    dw = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, torch.float16, p)
+    dw = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
     assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, gc, case, True), _wgrad_eager(t64, grad.double(), case, True),
-                    torch.float16, FLOORS[torch.float16])
+                    dtype, FLOORS[dtype])
     if not conv_compiled.cutlass_takes_dgrad(gc, tc["w"], tc["x"].shape, [dilation] * 2, groups):
         return  # dilation: the dgrad instantiation does not take it (falls back to ATen by design)
 
@@ -411,9 +420,42 @@ def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, memory_format):
         (F.conv2d(x, w, None, stride, padding, dilation, groups) * g).sum().backward()
         return x.grad
 
-    dx = fns.dgrad(gc, tc["w"], tc["x"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, torch.float16,
+    dx = fns.dgrad(gc, tc["w"], tc["x"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype,
                    memory_format)
     torch.cuda.synchronize()
     assert dx.is_contiguous(memory_format=memory_format)
     assert_2x_eager(f"{case} dx", dx, eager_dx(tc["x"], tc["w"], gc), eager_dx(t64["x"], t64["w"], grad.double()),
-                    torch.float16, FLOORS[torch.float16])
+                    dtype, FLOORS[dtype])
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
+def test_cutlass_on_cuda_prologue_beyond_fp16_range(dtype):
+    """A channel whose BatchNorm scale exceeds fp16's range (invstd 1e5: a near-constant channel) must not
+    overflow the transform's fp16 scale into inf: the launcher divides scale and shift by a power of two and
+    the epilogue multiplies it back (conv_cuda_ops.cpp, prologue_vectors). Fails (non-finite y / dw) without."""
+    case = "3x3"
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, torch.channels_last)
+    g = torch.Generator().manual_seed(7)
+    # Channel 0: mean 0, values ~1e-5, invstd 1e5: normalised values of order 1, scale 1e5 * bn_w > 65504.
+    x0 = torch.randn(t["x"].shape[0], *t["x"].shape[2:], generator=g, dtype=torch.float64) * 1e-5
+    t["x"] = t["x"].clone()
+    t["x"][:, 0] = x0.to(dtype)
+    t["mean"] = t["mean"].clone()
+    t["mean"][0] = 0.0
+    t["invstd"] = t["invstd"].clone()
+    t["invstd"][0] = 1e5
+    t64 = {k: v.double() for k, v in t.items()}
+    tc = _on_cuda(t)
+    p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False)
+    fns = dispatch.conv_functions("cuda", "cuda")
+    y, _ = fns.fwd(tc["x"], tc["w"], [stride] * 2, [padding] * 2, [dilation] * 2, groups, prologue=p, stats=False)
+    ref = _eager(t64, case, True, False, None)
+    eager = _eager(tc, case, True, False, None)
+    assert_2x_eager(f"{case} y", y, eager[0], ref[0], dtype, FLOORS[dtype])
+    grad = _residual(t, case, dtype, torch.channels_last)
+    dw = fns.wgrad(grad.cuda(), tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
+    assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, grad.cuda(), case, True),
+                    _wgrad_eager(t64, grad.double(), case, True), dtype, FLOORS[dtype])

@@ -2,7 +2,7 @@
 the convolution implementation "cuda" of fused_resnet.dispatch:
 
   CUDA tensors  CUTLASS kernels (csrc/cuda/conv/), when the extension was built with them (``cutlass_built``)
-                and the call is one they take (``cutlass_takes``: fp16, groups 1, C and K multiples of 8, and
+                and the call is one they take (``cutlass_takes``: fp16 or bf16, groups 1, C and K multiples of 8, and
                 the BN-apply + ReLU prologue, or the eval epilogue bias (+ residual) + ReLU); every other call
                 takes the "aten" path
                 (reference.conv_fwd with the backend's BatchNorm kernels), so the choice of "cuda" is safe
@@ -10,6 +10,12 @@ the convolution implementation "cuda" of fused_resnet.dispatch:
   CPU tensors   the C++ twin of the same schema (csrc/cpu/conv_cpu.cpp: ATen's convolution around the C++
                 BatchNorm kernels), so that opcheck and the contract tests run the compiled op without a GPU.
                 Never chosen automatically on CPU: only when asked for (dispatch.conv_functions("cuda", ...)).
+
+Dtypes: fp16 and bf16, one instantiation of each kernel per dtype. The BN-apply + ReLU prologue takes fp16
+scale / shift vectors for both (CUTLASS's scale/bias iterator loads 16-bit pairs): fp16 activations use
+CUTLASS's transform (fp16 arithmetic), bf16 ones our specialisation of it (csrc/cuda/conv/
+bf16_scale_bias_relu.cuh: fp32 arithmetic, one rounding). Vectors beyond fp16's range are divided by a power
+of two that the epilogue multiplies back (no host sync).
 
 Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
 fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
@@ -32,8 +38,8 @@ from torch._prims_common import suggest_memory_format
 from .. import backends, reference
 from .._layout import conv_output_size
 
-CUTLASS_DTYPES = (torch.float16,)
-CUTLASS_ALIGNMENT = 8  # channels per 128-bit access of the fp16 instantiation (csrc/cuda/conv/conv_launch.h)
+CUTLASS_DTYPES = (torch.float16, torch.bfloat16)  # one instantiation each (csrc/cuda/conv/*_f16.cu, *_bf16.cu)
+CUTLASS_ALIGNMENT = 8  # channels per 128-bit access of the 16-bit instantiations (csrc/cuda/conv/conv_launch.h)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +97,7 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
 
 
 def cutlass_takes_dgrad(grad_out: Tensor, weight: Tensor, input_shape, dilation, groups: int) -> bool:
-    """Whether the CUDA registration of conv_dgrad takes this call (fp16, groups 1, dilation 1, C and K
+    """Whether the CUDA registration of conv_dgrad takes this call (fp16 or bf16, groups 1, dilation 1, C and K
     multiples of 8), restated from csrc/cuda/conv/conv_cuda_ops.cpp."""
     return (grad_out.dtype in CUTLASS_DTYPES and weight.dtype == grad_out.dtype and groups == 1
             and tuple(dilation) == (1, 1) and len(input_shape) == 4 and input_shape[1] > 0

@@ -5,7 +5,7 @@
 // (common/conv_checks.h).
 //
 // What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only these calls;
-// any other is rejected here with a message, never computed differently): fp16 x and weight, groups 1,
+// any other is rejected here with a message, never computed differently): fp16 or bf16 x and weight, groups 1,
 // C % 8 == 0 and K % 8 == 0, and
 //   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
 //               eval epilogue bias (+ residual) + ReLU without a prologue;
@@ -13,10 +13,14 @@
 //   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation).
 // Statistics: bn_stats' CUDA kernels run on the stored y after the convolution (deterministic, the same
 // (count, mean, m2) format), a second pass over y; the fused statistics epilogue is not written yet.
-// Prologue numerics: CUTLASS's transform computes relu(x * scale + shift) in fp16 (fma.rn.f16x2.relu) with
-// scale and shift rounded to fp16 here (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale);
-// the Triton kernels and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose
-// |mean * scale| is large against the normalised values, the fp16 shift loses digits: unmeasured on a GPU.
+// Prologue numerics: the transform computes relu(x * scale + shift) with scale and shift rounded to fp16 here
+// (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale), in fp16 arithmetic for fp16
+// activations (CUTLASS's fma.rn.f16x2.relu) and fp32 for bf16 (bf16_scale_bias_relu.cuh); the Triton kernels
+// and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose |mean * scale| is large
+// against the normalised values, the fp16 shift loses digits: unmeasured on a GPU. Range: scale and shift
+// are divided by a power of two alpha >= 1 (computed on the device, no sync) that brings them under
+// kPrologueLimit, and the epilogue multiplies the accumulator by alpha (relu(v) = alpha * relu(v / alpha)),
+// so a large shift (a near-constant channel: invstd = 1 / sqrt(eps)) never overflows fp16 into inf.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,6 +44,16 @@ namespace fused_resnet {
 namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
+using cuda_conv::ConvDType;
+using cuda_conv::ConvDTypeTag;
+
+// Calls f(ConvDTypeTag<T>{}) for the launchers' element type of t (fp16 or bf16; the callers checked).
+template <typename F>
+auto with_conv_dtype(at::ScalarType t, F&& f) {
+  return t == at::kBFloat16 ? f(ConvDTypeTag<ConvDType::kBFloat16>{}) : f(ConvDTypeTag<ConvDType::kHalf>{});
+}
+
+bool is_conv_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "fused_resnet: conv_fwd (CUDA): ", what, " = ", v,
@@ -84,11 +98,18 @@ cuda_conv::ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef weight_size
   return s;
 }
 
-// The prologue as CUTLASS's transform takes it: relu(x * scale + shift), scale = bn_weight * invstd and
-// shift = bn_bias - mean * scale computed in fp32, then rounded once to the transform's fp16. Fresh
-// allocations of the caching allocator: contiguous and 16-byte aligned.
+// The largest |scale| or |shift| handed to the fp16 transform: a quarter of fp16's largest finite value, so
+// that x * scale + shift in the fp16 transform has headroom too.
+constexpr double kPrologueLimit = 16384.0;
+
+// The prologue as the transforms take it: relu(x * scale + shift) with scale = bn_weight * invstd and
+// shift = bn_bias - mean * scale computed in fp32, divided by alpha (a power of two >= 1: exact) and rounded
+// once to fp16; alpha = 1 unless max(|scale|, |shift|) > kPrologueLimit. alpha is a one-element fp32 device
+// tensor that the epilogue reads (no host sync); NaN or inf in scale or shift make alpha NaN or inf, so
+// the output is NaN / inf, as eager's would be. Fresh allocations of the caching allocator: contiguous and
+// 16-byte aligned.
 struct PrologueVectors {
-  at::Tensor scale, shift;
+  at::Tensor scale, shift, alpha;
 };
 
 PrologueVectors prologue_vectors(const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& bn_weight,
@@ -97,7 +118,11 @@ PrologueVectors prologue_vectors(const at::Tensor& mean, const at::Tensor& invst
   if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
   at::Tensor shift = -mean.to(at::kFloat) * scale;
   if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
-  return {scale.to(at::kHalf).contiguous(), shift.to(at::kHalf).contiguous()};
+  const at::Tensor amax = at::maximum(scale.abs().amax(), shift.abs().amax());
+  // exp2(ceil(log2(amax / limit))) >= amax / limit; log2(0) = -inf gives 0, hence the clamp to 1.
+  const at::Tensor alpha = at::exp2(at::ceil(at::log2(amax / kPrologueLimit))).clamp_min(1.0).reshape({1});
+  return {(scale / alpha).to(at::kHalf).contiguous(), (shift / alpha).to(at::kHalf).contiguous(),
+          alpha.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -112,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   // The two instantiated variants: the training prologue, or the eval epilogue with its ReLU.
   const bool bn_relu_prologue = present(mean) && relu_in && !present(bias) && !present(residual) && !relu_out;
   const bool eval_epilogue = !present(mean) && present(bias) && relu_out;
-  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && (bn_relu_prologue || eval_epilogue),
-              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16, groups 1, and either the BN + ReLU prologue "
+  TORCH_CHECK(is_conv_dtype(x.scalar_type()) && groups == 1 && (bn_relu_prologue || eval_epilogue),
+              "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16 or bf16, groups 1, and either the BN + ReLU prologue "
               "without an eval epilogue or bias (+ residual) + ReLU without a prologue; got ", x.scalar_type(),
               ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in, ", bias ", present(bias),
               ", residual ", present(residual), ", relu_out ", relu_out,
@@ -131,30 +156,37 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   const at::Tensor xc = channels_last_aligned(x), wc = channels_last_aligned(weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
+  const at::ScalarType dtype = x.scalar_type();
   if (bn_relu_prologue) {
-    TORCH_CHECK(cuda_conv::fprop_bn_relu_f16_supports(s),
+    TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bn_relu_supports<decltype(t)::value>(s); }),
                 "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
                 "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
     const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
-    err = cuda_conv::fprop_bn_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(),
-                                       v.shift.const_data_ptr(), y.data_ptr(), stream);
+    err = with_conv_dtype(dtype, [&](auto t) {
+      return cuda_conv::fprop_bn_relu<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(),
+                                               v.shift.const_data_ptr(), v.alpha.const_data_ptr<float>(),
+                                               y.data_ptr(), stream);
+    });
   } else {
-    TORCH_CHECK(cuda_conv::fprop_bias_residual_relu_f16_supports(s),
+    TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bias_residual_relu_supports<decltype(t)::value>(s); }),
                 "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
                 "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
     if (present(residual)) check_like(*residual, y, "residual");
     // The broadcast epilogue always reads a residual: zeros stand in for an absent one (an extra read of y's size).
     const at::Tensor r = present(residual) ? channels_last_aligned(*residual) : at::zeros_like(y);
     const at::Tensor b = bias->to(at::kFloat).contiguous();
-    err = cuda_conv::fprop_bias_residual_relu_f16(s, xc.const_data_ptr(), wc.const_data_ptr(),
-                                                  b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(), stream);
+    err = with_conv_dtype(dtype, [&](auto t) {
+      return cuda_conv::fprop_bias_residual_relu<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(),
+                                                          b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(),
+                                                          stream);
+    });
   }
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
 
   at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble));
   if (stats) {
     const Layout l = layout_of(y);
-    const auto dt = cuda_bn::DType::kHalf;
+    const auto dt = dtype == at::kBFloat16 ? cuda_bn::DType::kBFloat16 : cuda_bn::DType::kHalf;
     const int64_t P = cuda_bn::stats_num_partials(l, dt);
     s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
     at::Tensor partials = P > 1 ? at::empty({P, 3, s.K}, y.options().dtype(at::kDouble)) : at::Tensor();
@@ -183,8 +215,10 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   check_conv_wgrad_args(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, stride, padding, dilation,
                         groups);
   TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_wgrad: x must be a CUDA tensor here, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf && groups == 1 && present(mean) && relu_in,
-              "fused_resnet: conv_wgrad (CUDA, CUTLASS) takes fp16, groups 1 and the BN + ReLU prologue; got ",
+  TORCH_CHECK(is_conv_dtype(x.scalar_type()) && grad_out.scalar_type() == x.scalar_type() && groups == 1 &&
+                  present(mean) && relu_in,
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) takes fp16 or bf16 (grad_out and x alike), groups 1 and the "
+              "BN + ReLU prologue; got ", grad_out.scalar_type(), " / ",
               x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in,
               " (fused_resnet.dispatch sends other calls to another implementation)");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -196,19 +230,23 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   if (s.N == 0 || s.P == 0 || s.Q == 0) return dw.zero_().to(x.scalar_type()).contiguous(format);
   if (s.K == 0 || s.C == 0) return dw.to(x.scalar_type()).contiguous(format);
   const int split_k = wgrad_split_k(s);
-  TORCH_CHECK(cuda_conv::wgrad_bn_relu_f16_supports(s, split_k),
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::wgrad_bn_relu_supports<decltype(t)::value>(s, split_k); }),
               "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
               "K % 8 == 0): input ", x.sizes(), ", weight ", weight_size);
   const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
   const at::Tensor xc = channels_last_aligned(x), dyc = channels_last_aligned(grad_out);
-  const size_t workspace_bytes = cuda_conv::wgrad_bn_relu_f16_workspace_size(s, split_k);
+  const size_t workspace_bytes =
+      with_conv_dtype(dtype, [&](auto t) { return cuda_conv::wgrad_bn_relu_workspace_size<decltype(t)::value>(s, split_k); });
   at::Tensor workspace = workspace_bytes > 0
                              ? at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte))
                              : at::Tensor();
-  const cudaError_t err = cuda_conv::wgrad_bn_relu_f16(
-      s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
-      dw.data_ptr<float>(), workspace.defined() ? workspace.data_ptr() : nullptr,
-      c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = with_conv_dtype(dtype, [&](auto t) {
+    return cuda_conv::wgrad_bn_relu<decltype(t)::value>(
+        s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
+        v.alpha.const_data_ptr<float>(), dw.data_ptr<float>(), workspace.defined() ? workspace.data_ptr() : nullptr,
+        c10::cuda::getCurrentCUDAStream().stream());
+  });
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_wgrad failed: ", cudaGetErrorString(err));
   return dw.to(x.scalar_type()).contiguous(format);
 }
@@ -219,9 +257,10 @@ at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
   check_conv_dgrad_args(grad_out, weight, input_size, stride, padding, dilation, groups);
   TORCH_CHECK(grad_out.is_cuda(), "fused_resnet: conv_dgrad: grad_out must be a CUDA tensor here, got one on ",
               grad_out.device());
-  TORCH_CHECK(grad_out.scalar_type() == at::kHalf && weight.scalar_type() == at::kHalf && groups == 1 &&
-                  dilation[0] == 1 && dilation[1] == 1,
-              "fused_resnet: conv_dgrad (CUDA, CUTLASS) takes fp16, groups 1 and dilation 1; got ",
+  TORCH_CHECK(is_conv_dtype(grad_out.scalar_type()) && weight.scalar_type() == grad_out.scalar_type() &&
+                  groups == 1 && dilation[0] == 1 && dilation[1] == 1,
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) takes fp16 or bf16 (grad_out and weight alike), groups 1 "
+              "and dilation 1; got ",
               grad_out.scalar_type(), ", groups ", groups, ", dilation ", dilation,
               " (fused_resnet.dispatch sends other calls to another implementation)");
   const c10::cuda::CUDAGuard guard(grad_out.device());
@@ -233,12 +272,15 @@ at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
   at::Tensor dx = at::empty(input_size, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (dx.numel() == 0) return dx.contiguous(format);
   if (s.K == 0) return dx.zero_().contiguous(format);
-  TORCH_CHECK(cuda_conv::dgrad_f16_supports(s),
+  const at::ScalarType dtype = grad_out.scalar_type();
+  TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::dgrad_supports<decltype(t)::value>(s); }),
               "fused_resnet: conv_dgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
               "K % 8 == 0): input ", input_size, ", weight ", weight.sizes());
   const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight);
-  const cudaError_t err = cuda_conv::dgrad_f16(s, dyc.const_data_ptr(), wc.const_data_ptr(), dx.data_ptr(),
-                                               c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = with_conv_dtype(dtype, [&](auto t) {
+    return cuda_conv::dgrad<decltype(t)::value>(s, dyc.const_data_ptr(), wc.const_data_ptr(), dx.data_ptr(),
+                                     c10::cuda::getCurrentCUDAStream().stream());
+  });
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_dgrad failed: ", cudaGetErrorString(err));
   return dx.contiguous(format);
 }

@@ -1,0 +1,12 @@
+// fprop with the BN-apply + ReLU prologue, bf16 (fprop_bn_relu.cuh): one instantiation per file.
+#include "cuda/conv/fprop_bn_relu.cuh"
+
+namespace fused_resnet {
+namespace cuda_conv {
+
+template bool fprop_bn_relu_supports<ConvDType::kBFloat16>(const ConvShape&);
+template cudaError_t fprop_bn_relu<ConvDType::kBFloat16>(const ConvShape&, const void*, const void*, const void*,
+                                                    const void*, const float*, void*, cudaStream_t);
+
+}  // namespace cuda_conv
+}  // namespace fused_resnet
