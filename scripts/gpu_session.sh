@@ -14,10 +14,13 @@
 #            (python -m fused_resnet.kernels.warmup: the later steps would compile them one by one)
 #   test     the GPU-only tests: bf16 and the cuda / triton backends (models, fused convolutions, BN ops)
 #                                                                                     <= 130 s
-#   conv     convolution microbenchmarks, every ResNet-50 conv shape, batch 256 bf16  <=  60 s
+#   conv     convolution microbenchmarks, every ResNet-50 conv shape, batch 256 bf16: cuDNN, cuDNN + fused
+#            BN, Triton fused, CUTLASS fused (when built; fallbacks to ATen marked)    <=  75 s
 #   bn       BatchNorm microbenchmarks (module forward/backward per backend)          <=  30 s
 #   e2e      fused-resnet bench: ResNet-50 training + inference, eager vs fused       <=  90 s
 #   compile  fused-resnet bench with torch.compile variants (not in the default list: compiling takes minutes)
+#   e2e-cutlass  the e2e step with every convolution on the CUTLASS path (FUSED_RESNET_CONV=cuda; calls it
+#            does not take run ATen), eager beside it (not in the default list)        <=  90 s
 #   summary  the tables of the steps that ran
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,13 +81,17 @@ for step in "${steps[@]}"; do
         --maxfail=30 --junitxml="$OUT/tests.xml"
       ;;
     conv)
-      run_step conv 60 "$PY" benchmarks/bench_conv.py --out "$OUT"
+      run_step conv 75 "$PY" benchmarks/bench_conv.py --out "$OUT"
       ;;
     bn)
       run_step bn 30 "$PY" -m fused_resnet micro --no-kernels --rounds 10 --out "$OUT/bn" --quiet
       ;;
     e2e)
       run_step e2e 90 "$PY" -m fused_resnet bench --variants "${E2E_VARIANTS:-eager,fused-triton}" --out "$OUT/e2e" --quiet
+      ;;
+    e2e-cutlass)
+      FUSED_RESNET_CONV=cuda run_step e2e-cutlass 90 "$PY" -m fused_resnet bench --variants eager,fused-triton \
+        --out "$OUT/e2e-cutlass" --quiet
       ;;
     compile)
       run_step compile 300 "$PY" -m fused_resnet bench --variants eager,compile,fused-triton,fused-compile --out "$OUT/compile" --quiet
@@ -96,9 +103,10 @@ for step in "${steps[@]}"; do
       [[ -f "$OUT/conv.log" ]] && { echo "== convolutions (us / TFLOP/s)"; grep -E "^\|" "$OUT/conv.log"; }
       [[ -f "$OUT/bn.log" ]] && { echo "== BatchNorm"; grep -E "^\|" "$OUT/bn.log" | head -40; }
       [[ -f "$OUT/e2e.log" ]] && { echo "== end to end"; grep -E "^\|" "$OUT/e2e.log"; }
+      [[ -f "$OUT/e2e-cutlass.log" ]] && { echo "== end to end, FUSED_RESNET_CONV=cuda"; grep -E "^\|" "$OUT/e2e-cutlass.log"; }
       ;;
     *)
-      echo "unknown step $step (build warmup test conv bn e2e compile summary)"; exit 2
+      echo "unknown step $step (build warmup test conv bn e2e e2e-cutlass compile summary)"; exit 2
       ;;
   esac
 done

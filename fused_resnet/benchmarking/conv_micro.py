@@ -1,5 +1,5 @@
 """Microbenchmarks of the convolutions at every distinct convolution shape of ResNet-50 (batch 256, 224 x 224,
-bf16, channels_last), forward and backward, for three providers:
+bf16, channels_last), forward and backward, for four providers:
 
   cudnn      ATen's convolution alone (cuDNN on CUDA): forward; backward = dgrad + wgrad
   cudnn+bn   what the fused models ran before the fused convolutions, and still run where the per-shape choice
@@ -8,6 +8,11 @@ bf16, channels_last), forward and backward, for three providers:
              recompute of the prologue, dgrad and wgrad
   fused      the Triton convolutions with the prologue and the statistics epilogue; backward = dgrad and wgrad
              with the prologue recomputed in registers
+  cutlass    the CUDA C++ convolutions (conv implementation "cuda": CUTLASS, csrc/cuda/conv/) with the prologue
+             in the mainloop, statistics by the BatchNorm kernels on y, wgrad with the prologue recomputed,
+             dgrad; where CUTLASS does not take a call (the stem's 3 channels, a convolution without a
+             prologue, dilation) that call runs the ATen path, and the row says so ("ran": cutlass / aten per
+             pass, "*" in the table), so a fallback is never reported as CUTLASS's speed
 
 The BatchNorm backward of the prologue (mask, reductions, dx) is the same for cudnn+bn and fused and is left
 out. FLOPs: 2 N Ho Wo K C_g R S forward, twice that backward; reported as TFLOP/s against the bf16 matmul rate
@@ -28,7 +33,8 @@ from .. import dispatch
 from .report import dtype_name, format_table, triton_interpreted
 from .timing import kernel_time
 
-PROVIDERS = ("cudnn", "cudnn+bn", "fused")
+PROVIDERS = ("cudnn", "cudnn+bn", "fused", "cutlass")
+IMPLS = {"cudnn+bn": "aten", "fused": "triton", "cutlass": "cuda"}  # provider -> dispatch conv implementation
 PASSES = ("fwd", "bwd")
 
 
@@ -86,7 +92,8 @@ def resnet50_conv_shapes(batch: int = 256, size: int = 224) -> list[ConvShape]:
 
 
 def _case_fns(shape: ConvShape, provider: str, device: torch.device, dtype: torch.dtype):
-    """(forward, backward) zero-argument callables of one provider on one shape."""
+    """(forward, backward, what ran: {"fwd": impl, "bwd": impl}) of one provider on one shape; forward and
+    backward are zero-argument callables."""
     cl = dict(memory_format=torch.channels_last)
     x = torch.randn(shape.x_shape, device=device, dtype=torch.float32).to(dtype).contiguous(**cl)
     w = (torch.randn(shape.weight_shape, device=device, dtype=torch.float32) * 0.05).to(dtype).contiguous(**cl)
@@ -105,9 +112,19 @@ def _case_fns(shape: ConvShape, provider: str, device: torch.device, dtype: torc
         def bwd():
             return torch.ops.aten.convolution_backward(dy, x, w, None, *args[:3], False, [0, 0], args[3],
                                                        [True, True, False])
-        return fwd, bwd
+        return fwd, bwd, dict(fwd="cudnn", bwd="cudnn")
     backend = "triton" if device.type == "cuda" else "cpu"
-    fns = dispatch.conv_functions("aten" if provider == "cudnn+bn" else "triton", backend)
+    fns = dispatch.conv_functions(IMPLS[provider], backend)
+    ran = dict(fwd=IMPLS[provider], bwd=IMPLS[provider])
+    if provider == "cutlass":
+        from ..ops import conv_compiled
+
+        takes_fwd = conv_compiled.cutlass_takes(x, w, shape.groups, prologue, None, None, False)
+        takes_dgrad = conv_compiled.cutlass_takes_dgrad(dy, w, x.shape, shape.dilation, shape.groups)
+        ran = dict(fwd="cutlass" if takes_fwd else "aten",
+                   bwd="cutlass" if takes_fwd and takes_dgrad else
+                   ("cutlass wgrad + aten dgrad" if takes_fwd else
+                    "aten wgrad + cutlass dgrad" if takes_dgrad else "aten"))
 
     def fwd():
         return fns.fwd(x, w, *args, prologue=prologue, stats=True)
@@ -115,7 +132,7 @@ def _case_fns(shape: ConvShape, provider: str, device: torch.device, dtype: torc
     def bwd():
         fns.dgrad(dy, w, x.shape, *args, dtype, torch.channels_last)
         return fns.wgrad(dy, x, w.shape, *args, dtype, prologue)
-    return fwd, bwd
+    return fwd, bwd, ran
 
 
 def skip_reason(provider: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -125,6 +142,15 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype) -> Opti
         probe = torch.empty(1, 16, 1, 1, device=device, dtype=dtype)
         if not dispatch.supports_conv("triton", probe, torch.empty(16, 16, 1, 1, device=device, dtype=dtype)):
             return "the Triton convolutions need CUDA (or TRITON_INTERPRET=1) and bf16, fp16 or fp32"
+    if provider == "cutlass":
+        from ..ops import conv_compiled
+
+        if device.type != "cuda":
+            return "the CUTLASS convolutions need CUDA"
+        if not conv_compiled.cutlass_built():
+            return "fused_resnet._C was built without the CUTLASS convolutions (FUSED_RESNET_CUTLASS)"
+        if dtype not in conv_compiled.CUTLASS_DTYPES:
+            return f"the CUTLASS convolutions take {[dtype_name(d) for d in conv_compiled.CUTLASS_DTYPES]}"
     return None
 
 
@@ -144,23 +170,24 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, size: int, provide
         for p in providers:
             if p in skipped:
                 continue
-            fwd, bwd = _case_fns(shape, p, device, dtype)
+            fwd, bwd, ran = _case_fns(shape, p, device, dtype)
             for direction, fn in (("fwd", fwd), ("bwd", bwd)):
                 t = kernel_time(fn, device, rounds=rounds)
                 flops = shape.flops() * (2 if direction == "bwd" else 1)
-                row = dict(shape=shape.label(), name=shape.name, provider=p, direction=direction,
+                row = dict(shape=shape.label(), name=shape.name, provider=p, direction=direction, ran=ran[direction],
                            interpreted=p == "fused" and triton_interpreted(), time_us=t.scaled(1e6).to_dict(),
                            flop=flops, tflop_per_s=flops / t.median / 1e12,
                            of_matmul_pct=(100 * flops / t.median / matmul_flops) if matmul_flops else None)
                 rows.append(row)
                 log(f"{row['shape']:<44} {p:<9} {direction} {row['time_us']['median']:9.1f} us "
-                    f"(IQR {row['time_us']['iqr_pct']:.0f}%) {row['tflop_per_s']:7.1f} TFLOP/s")
+                    f"(IQR {row['time_us']['iqr_pct']:.0f}%) {row['tflop_per_s']:7.1f} TFLOP/s  ran: {row['ran']}")
     return dict(results=rows, skipped=skipped, winners=winners(rows))
 
 
 def winners(rows: list[dict]) -> dict:
-    """Per shape, the provider with the smallest forward + backward median time among cudnn+bn and fused
-    (what the per-shape choice decides between); cudnn alone is the lower bound of the unfused path."""
+    """Per shape, the provider with the smallest forward + backward median time among cudnn+bn, fused and
+    cutlass (what the per-shape choice decides between); cudnn alone is the lower bound of the unfused path.
+    A cutlass entry whose calls fell back to ATen (see "ran") competes as what actually ran."""
     total: dict = {}
     for r in rows:
         if r["provider"] != "cudnn":
@@ -182,8 +209,9 @@ def table(result: dict) -> str:
         for p in providers:
             for d in PASSES:
                 r = index.get((s, p, d))
+                fallback = "*" if r and p == "cutlass" and r["ran"] != "cutlass" else ""
                 cells.append(f"{r['time_us']['median']:.0f} ({r['time_us']['iqr_pct']:.0f}%) / "
-                             f"{r['tflop_per_s']:.1f}" if r else "-")
+                             f"{r['tflop_per_s']:.1f}{fallback}" if r else "-")
         f_, b_ = ([index.get((s, p, d)) for d in PASSES] for p in ("fused", "cudnn+bn"))
         if all(f_) and all(b_):
             cells.append(f"{sum(r['time_us']['median'] for r in b_) / sum(r['time_us']['median'] for r in f_):.2f}x")
@@ -229,6 +257,9 @@ def main(argv=None) -> int:
     if doc["interpreted"]:
         print(INTERPRETER_BANNER)
     print(table(result))
+    if any(r["provider"] == "cutlass" and r["ran"] != "cutlass" for r in result["results"]):
+        print("* cutlass: at least part of this pass ran the ATen path (CUTLASS does not take the call; see "
+              "\"ran\" in bench_conv.json)")
     if result["skipped"]:
         print("skipped: " + "; ".join(f"{p}: {r}" for p, r in result["skipped"].items()))
     if doc["interpreted"]:
