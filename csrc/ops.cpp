@@ -60,6 +60,11 @@ TORCH_LIBRARY(fused_resnet_C, m) {
       "bn_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? bias, Tensor? out, Tensor? sums, Tensor? count, bool relu, bool need_dz) -> (Tensor, Tensor)");
 
+  // The prologue vectors of the CUTLASS convolutions (common/bn_math.h, prologue_alpha): (scale / alpha,
+  // shift / alpha) as fp16 [C] and alpha float32 [1], scale = invstd * weight, shift = bias - mean * scale,
+  // alpha the smallest power of two >= 1 that brings max |scale|, |shift| under 16384. mean / invstd float32.
+  m.def("bn_prologue_half(Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+
   // The fused forward convolution (contract: fused_resnet/ops/conv.py; CPU: csrc/cpu/conv_cpu.cpp, ATen's
   // convolution around the BN kernels above; CUDA: csrc/cuda/conv/, CUTLASS, a subset of the arguments):
   //   a = relu_in?(bn(x)) with (mean, invstd, bn_weight, bn_bias) when mean is given, else x;

@@ -9,6 +9,8 @@ conv_stats custom op with impl="cuda" forward and backward; dispatch's rules for
 not in the automatic choice until GPU-validated). The CUTLASS kernels themselves are only compile-checked
 (tests/test_build.py); their GPU parity is for a CUDA machine (skipped here).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -459,3 +461,86 @@ def test_cutlass_on_cuda_prologue_beyond_fp16_range(dtype):
     dw = fns.wgrad(grad.cuda(), tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
     assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, grad.cuda(), case, True),
                     _wgrad_eager(t64, grad.double(), case, True), dtype, FLOORS[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bn_prologue_half: the CUTLASS prologue vectors (common/bn_math.h). The CPU twin against the formula written
+# here in torch float32 ops (same roundings), exactly; its CUDA kernel is checked against this twin bitwise
+# by the CPU emulation (tests/test_cuda_emulated.py::test_prologue_half).
+
+def _prologue_half_formula(mean, invstd, weight, bias):
+    scale = invstd * (weight.float() if weight is not None else 1.0)
+    shift = (bias.float() if bias is not None else 0.0) - mean * scale
+    amax = torch.maximum(scale.abs().max(), shift.abs().max()).item() if mean.numel() else 0.0
+    if math.isnan(amax) or math.isinf(amax):
+        alpha = amax
+    else:
+        v = amax / 16384.0
+        m, e = math.frexp(v) if v > 1.0 else (0.0, 0)
+        alpha = 1.0 if v <= 1.0 else math.ldexp(1.0, e - 1 if m == 0.5 else e)
+    return (scale / alpha).half(), (shift / alpha).half(), torch.tensor([alpha], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", ["plain", "no_affine", "half_weight", "large_shift", "large_scale", "power_of_two",
+                                  "nan", "inf", "empty"])
+def test_bn_prologue_half_cpu_twin(case):
+    g = torch.Generator().manual_seed(3)
+    C = 0 if case == "empty" else 37
+    mean, invstd = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
+    weight, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    if case == "no_affine":
+        weight = bias = None
+    elif case == "half_weight":
+        weight = weight.half()
+    elif case == "large_shift":
+        mean[5], invstd[5] = 300.0, 316.2  # a near-constant channel: shift ~ -1e5 > fp16's range
+    elif case == "large_scale":
+        invstd[7] = 1e6
+    elif case == "power_of_two":
+        mean.zero_(), invstd.fill_(1.0), bias.zero_()
+        weight[3] = 32768.0  # amax / 16384 == 2 exactly: alpha 2, not 4
+    elif case == "nan":
+        invstd[2] = float("nan")
+    elif case == "inf":
+        invstd[2] = float("inf")
+    scale, shift, alpha = torch.ops.fused_resnet_C.bn_prologue_half(mean, invstd, weight, bias)
+    want = _prologue_half_formula(mean, invstd, weight, bias)
+    assert scale.dtype == shift.dtype == torch.float16 and alpha.dtype == torch.float32 and alpha.shape == (1,)
+    assert torch.equal(alpha.isnan(), want[2].isnan()) and (alpha.isnan().all() or torch.equal(alpha, want[2]))
+    for got, exp in zip((scale, shift), want[:2]):
+        assert torch.equal(got.isnan(), exp.isnan())
+        assert torch.equal(got[~got.isnan()], exp[~exp.isnan()])
+    a = alpha.item()
+    if case in ("large_shift", "large_scale"):
+        assert a > 1 and math.frexp(a)[0] == 0.5  # a power of two
+        assert max(scale.abs().max().item(), shift.abs().max().item()) <= 16384  # finite, in range
+        x = torch.randn(C, generator=g) * 0.01 + mean
+        y = torch.relu(x * invstd * weight + (bias - mean * invstd * weight))  # the folded form, fp32
+        y16 = a * torch.relu(x * scale.float() + shift.float())
+        assert torch.isfinite(y16).all()
+        # fp16's rounding of scale and shift, relative to the terms of the folded form (not to y: they cancel)
+        bound = 2 ** -10 * ((x * scale.float()).abs() * a + shift.float().abs() * a + 1)
+        assert ((y16 - y).abs() <= bound).all()
+    elif case == "power_of_two":
+        assert a == 2.0
+    elif case in ("nan", "inf"):
+        assert math.isnan(a) if case == "nan" else math.isinf(a)
+    elif case != "empty":
+        assert a == 1.0
+
+
+def test_bn_prologue_half_errors():
+    m, i = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="mean must be Float"):
+        torch.ops.fused_resnet_C.bn_prologue_half(m.double(), i, None, None)
+    with pytest.raises(RuntimeError, match=r"invstd must have shape \[4\]"):
+        torch.ops.fused_resnet_C.bn_prologue_half(m, torch.ones(5), None, None)
+    with pytest.raises(RuntimeError, match="1-D"):
+        torch.ops.fused_resnet_C.bn_prologue_half(m[None], i, None, None)
+
+
+def test_opcheck_bn_prologue_half():
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(24, generator=g), torch.rand(24, generator=g) + 0.5, torch.rand(24, generator=g),
+            torch.randn(24, generator=g))
+    torch.library.opcheck(torch.ops.fused_resnet_C.bn_prologue_half.default, args)

@@ -51,7 +51,7 @@ def _load_build_module():
 
 emu_build = _load_build_module()
 
-TESTED_OPS = {"bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt"}
+TESTED_OPS = {"bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt", "bn_prologue_half"}
 # Ops of csrc/ops.cpp deliberately not emulated: their CUDA implementation is tensor-core code (CUTLASS,
 # csrc/cuda/conv/, which the emulator build does not read), compile-checked by scripts/check_cuda_compile.sh
 # and tested against its CPU twin's contract in tests/test_conv_compiled.py; GPU parity is for a CUDA machine.
@@ -622,6 +622,41 @@ def test_finalize(emu):
         failures.add(f"bn_finalize {case} invstd", diff_exact(oe[1], orr[1]))
         failures.add(f"bn_finalize {case} running_mean storage", diff_exact(base_e, base_r))
         failures.add(f"bn_finalize {case} running_var", diff_exact(rv_e, rv_r))
+    failures.assert_none()
+
+
+def test_prologue_half(emu):
+    """The CUTLASS prologue vectors' kernel (one block, strided channels, a shared-memory amax tree) against
+    the CPU twin, bitwise: C below, at and above the block size, alpha 1 and > 1, NaN and inf statistics,
+    weight / bias absent or fp16."""
+    _fresh(emu)
+    E = emu.ops
+    failures = Failures()
+    g = torch.Generator().manual_seed(11)
+    for C in (1, 5, 255, 256, 300, 2048, 2049):
+        for case in ("plain", "large", "nan", "inf", "no_affine", "half_affine"):
+            mean, invstd = torch.randn(C, generator=g) * 3, torch.rand(C, generator=g) + 0.5
+            weight, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+            c = C // 2
+            if case == "large":
+                mean[c], invstd[c] = 300.0, 316.2
+            elif case == "nan":
+                invstd[c] = float("nan")
+            elif case == "inf":
+                mean[c] = float("inf")
+            elif case == "no_affine":
+                weight = bias = None
+            elif case == "half_affine":
+                weight, bias = weight.half(), bias.half()
+            got = E.bn_prologue_half(mean, invstd, weight, bias)
+            want = R.bn_prologue_half(mean, invstd, weight, bias)
+            for name, u, v in zip(("scale", "shift", "alpha"), got, want):
+                failures.add(f"bn_prologue_half {name} C={C} {case}", diff_exact(u, v))
+            if case == "large":
+                failures.add(f"bn_prologue_half alpha C={C} large",
+                             None if want[2].item() > 1 else f"alpha {want[2].item()} (expected > 1)")
+    log = emu.take_launch_log()
+    failures.add("launches", None if log else "no kernel launched")
     failures.assert_none()
 
 

@@ -91,4 +91,49 @@ FR_HOST_DEVICE acc_t bn_grad_input_train(acc_t dz, acc_t xhat, acc_t scale, acc_
   return scale * (dz - mean_dz - xhat * mean_dz_xhat);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The prologue vectors of the CUTLASS convolutions (csrc/cuda/conv/): their mainloop transform computes
+// relu(x * scale + shift) from fp16 scale / shift, the folded form (see bn_affine for what it costs when
+// |mean| is large against the spread). Per channel, in fp32:
+//   scale = invstd * weight (weight absent: 1)      shift = bias - mean * scale (bias absent: 0)
+// then both divided by alpha, one power of two >= 1 for the whole vector, the smallest that brings
+// max over channels of max(|scale|, |shift|) to <= kPrologueLimit (a quarter of fp16's largest finite
+// value: headroom for x * scale + shift in the fp16 transform); the convolution's epilogue multiplies by
+// alpha again (relu(v) = alpha * relu(v / alpha) for alpha > 0). A power of two keeps the division exact.
+// NaN anywhere makes alpha NaN (and so the convolution's output), inf makes it inf: never a silently
+// finite result from non-finite statistics.
+constexpr float kPrologueLimit = 16384.0f;
+
+FR_HOST_DEVICE void prologue_scale_shift(float mean, float invstd, float weight, float bias, float* scale,
+                                         float* shift) {
+  const float s = invstd * weight;
+#if defined(__CUDA_ARCH__)
+  const float ms = __fmul_rn(mean, s);  // never contracted into an fma with the subtraction: the host agrees
+#else
+  const float ms = mean * s;
+#endif
+  *scale = s;
+  *shift = bias - ms;
+}
+
+// max(|a|, |b|, m) that returns NaN when any argument is NaN (fmaxf would drop it).
+FR_HOST_DEVICE float prologue_amax(float m, float a, float b) {
+  const float fa = a < 0.0f ? -a : a, fb = b < 0.0f ? -b : b;
+  if (m != m || fa != fa || fb != fb) return fa + fb + m;  // NaN
+  const float r = fa > fb ? fa : fb;
+  return r > m ? r : m;
+}
+
+// alpha of the whole vector from its amax: 1 when amax <= kPrologueLimit, else the smallest power of two
+// >= amax / kPrologueLimit (exact: frexp / ldexp); NaN and inf pass through.
+FR_HOST_DEVICE float prologue_alpha(float amax) {
+  if (amax != amax) return amax;                    // NaN
+  const float v = amax / kPrologueLimit;            // exact: kPrologueLimit is a power of two
+  if (!(v > 1.0f)) return 1.0f;
+  if (v > 3.0e38f) return v;                        // inf (amax inf; finite amax gives v <= 2^114)
+  int e = 0;
+  const float m = frexpf(v, &e);                    // v = m * 2^e, m in [0.5, 1)
+  return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+
 }  // namespace fused_resnet

@@ -137,4 +137,24 @@ inline bool batch_stats_sums(const c10::optional<at::Tensor>& sums_in, const c10
   return true;
 }
 
+// bn_prologue_half's arguments as its implementations take them: float32 contiguous [C] vectors (weight and
+// bias converted from any floating dtype, undefined when absent), after the contract's checks.
+struct PrologueHalfArgs {
+  at::Tensor mean, invstd, weight, bias;
+  int64_t C;
+};
+
+inline PrologueHalfArgs prepare_prologue_half(const at::Tensor& mean, const at::Tensor& invstd,
+                                              const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(mean.dim() == 1, "fused_resnet: bn_prologue_half: mean must be 1-D [C], got ", mean.sizes());
+  const int64_t C = mean.size(0);
+  check_channel_vector(mean, C, mean.device(), "mean", at::kFloat);
+  check_channel_vector(invstd, C, mean.device(), "invstd", at::kFloat);
+  if (present(weight)) check_channel_vector(*weight, C, mean.device(), "weight");
+  if (present(bias)) check_channel_vector(*bias, C, mean.device(), "bias");
+  return {mean.contiguous(), invstd.contiguous(), channel_param(weight, at::kFloat), channel_param(bias, at::kFloat),
+          C};
+}
+
 }  // namespace fused_resnet

@@ -441,6 +441,39 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(
   return {dx, dz_out};
 }
 
+// The reference of bn_prologue_half's CUDA kernel: the same bn_math.h functions in the same order (channels
+// in order; the amax is order-independent, max being exact), fp16 by round-to-nearest-even as __float2half_rn.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prologue_half_cpu(const at::Tensor& mean_in,
+                                                                    const at::Tensor& invstd_in,
+                                                                    const c10::optional<at::Tensor>& weight_in,
+                                                                    const c10::optional<at::Tensor>& bias_in) {
+  const PrologueHalfArgs a = prepare_prologue_half(mean_in, invstd_in, weight_in, bias_in);
+  const auto opts = a.mean.options();
+  at::Tensor scale = at::empty({a.C}, opts.dtype(at::kHalf)), shift = at::empty({a.C}, opts.dtype(at::kHalf));
+  at::Tensor alpha = at::empty({1}, opts);
+  const float* mean = a.mean.const_data_ptr<float>();
+  const float* invstd = a.invstd.const_data_ptr<float>();
+  const float* weight = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
+  const float* bias = a.bias.defined() ? a.bias.const_data_ptr<float>() : nullptr;
+  std::vector<float> sc(a.C), sh(a.C);
+  float amax = 0.0f;
+  for (int64_t c = 0; c < a.C; ++c) {
+    prologue_scale_shift(mean[c], invstd[c], weight != nullptr ? weight[c] : 1.0f, bias != nullptr ? bias[c] : 0.0f,
+                         &sc[c], &sh[c]);
+    amax = prologue_amax(amax, sc[c], sh[c]);
+  }
+  const float alpha_v = prologue_alpha(amax);
+  const float inv_alpha = 1.0f / alpha_v;
+  at::Half* scale_p = scale.data_ptr<at::Half>();
+  at::Half* shift_p = shift.data_ptr<at::Half>();
+  for (int64_t c = 0; c < a.C; ++c) {
+    scale_p[c] = at::Half(sc[c] * inv_alpha);
+    shift_p[c] = at::Half(sh[c] * inv_alpha);
+  }
+  alpha.data_ptr<float>()[0] = alpha_v;
+  return {scale, shift, alpha};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
@@ -449,6 +482,7 @@ TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
   m.impl("bn_act", &bn_act_cpu);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
   m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
+  m.impl("bn_prologue_half", &bn_prologue_half_cpu);
 }
 
 }  // namespace fused_resnet

@@ -230,6 +230,29 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cuda(
   return {dx, dz_out};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The CUTLASS convolutions' prologue vectors (one kernel launch, no host sync).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prologue_half_cuda(const at::Tensor& mean_in,
+                                                                     const at::Tensor& invstd_in,
+                                                                     const c10::optional<at::Tensor>& weight_in,
+                                                                     const c10::optional<at::Tensor>& bias_in) {
+  check_cuda_tensor(mean_in, "mean");
+  const c10::cuda::CUDAGuard guard(mean_in.device());
+  const PrologueHalfArgs a = prepare_prologue_half(mean_in, invstd_in, weight_in, bias_in);
+  const auto opts = a.mean.options();
+  at::Tensor scale = at::empty({a.C}, opts.dtype(at::kHalf)), shift = at::empty({a.C}, opts.dtype(at::kHalf));
+  if (a.C == 0) return {scale, shift, at::ones({1}, opts)};
+  at::Tensor alpha = at::empty({1}, opts);
+  check_launch(cuda_bn::launch_bn_prologue_half(a.mean.const_data_ptr<float>(), a.invstd.const_data_ptr<float>(),
+                                                a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr,
+                                                a.bias.defined() ? a.bias.const_data_ptr<float>() : nullptr, a.C,
+                                                scale.data_ptr(), shift.data_ptr(), alpha.data_ptr<float>(),
+                                                current_stream()),
+               "bn_prologue_half");
+  return {scale, shift, alpha};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
@@ -238,6 +261,7 @@ TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("bn_act", &bn_act_cuda);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cuda);
   m.impl("bn_backward_elemt", &bn_backward_elemt_cuda);
+  m.impl("bn_prologue_half", &bn_prologue_half_cuda);
 }
 
 }  // namespace fused_resnet

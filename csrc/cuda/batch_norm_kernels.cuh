@@ -602,5 +602,44 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// bn_prologue_half: the CUTLASS convolutions' fp16 prologue vectors (bn_math.h, prologue_alpha). One block:
+// each thread computes the (scale, shift) of channels tid, tid + kBlockThreads, ... and their amax; a
+// shared-memory tree (fixed pairing) reduces the amax, thread 0's result is the block's alpha; then each
+// thread writes its channels' scale / alpha and shift / alpha rounded to fp16. weight / bias may be nullptr.
+// ResNet's C is at most 2048: 8 channels per thread, a few microseconds, one launch instead of the ~16 ATen
+// ops of the same formula.
+__global__ void __launch_bounds__(kBlockThreads)
+    bn_prologue_half_kernel(const float* __restrict__ mean, const float* __restrict__ invstd,
+                            const float* __restrict__ weight, const float* __restrict__ bias, const int64_t C,
+                            __half* __restrict__ scale_out, __half* __restrict__ shift_out,
+                            float* __restrict__ alpha_out) {
+  __shared__ float amax[kBlockThreads];
+  const int tid = static_cast<int>(threadIdx.x);
+  float m = 0.0f;
+  for (int64_t c = tid; c < C; c += kBlockThreads) {
+    float scale, shift;
+    prologue_scale_shift(mean[c], invstd[c], weight != nullptr ? weight[c] : 1.0f, bias != nullptr ? bias[c] : 0.0f,
+                         &scale, &shift);
+    m = prologue_amax(m, scale, shift);
+  }
+  amax[tid] = m;
+  __syncthreads();
+  for (int s = kBlockThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) amax[tid] = prologue_amax(amax[tid], amax[tid + s], 0.0f);
+    __syncthreads();
+  }
+  const float alpha = prologue_alpha(amax[0]);
+  const float inv_alpha = 1.0f / alpha;  // exact: a power of two (or NaN / 0 for NaN / inf alpha)
+  for (int64_t c = tid; c < C; c += kBlockThreads) {
+    float scale, shift;
+    prologue_scale_shift(mean[c], invstd[c], weight != nullptr ? weight[c] : 1.0f, bias != nullptr ? bias[c] : 0.0f,
+                         &scale, &shift);
+    scale_out[c] = __float2half_rn(scale * inv_alpha);
+    shift_out[c] = __float2half_rn(shift * inv_alpha);
+  }
+  if (tid == 0) alpha_out[0] = alpha;
+}
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

@@ -357,5 +357,15 @@ cudaError_t launch_bn_backward_elemt(const void* grad_out, const Layout& ldy, co
   return cudaGetLastError();
 }
 
+cudaError_t launch_bn_prologue_half(const float* mean, const float* invstd, const float* weight, const float* bias,
+                                    int64_t C, void* scale_out, void* shift_out, float* alpha_out,
+                                    cudaStream_t stream) {
+  if (C <= 0) return cudaErrorInvalidValue;  // alpha of nothing: the caller handles empty vectors
+  bn_prologue_half_kernel<<<1, kBlockThreads, 0, stream>>>(mean, invstd, weight, bias, C,
+                                                           static_cast<__half*>(scale_out),
+                                                           static_cast<__half*>(shift_out), alpha_out);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

@@ -59,5 +59,12 @@ cudaError_t launch_bn_backward_elemt(const void* grad_out, const Layout& ldy, co
                                      bool relu, void* dx, const Layout& ldx, void* dz, const Layout& ldz,
                                      DType dtype, cudaStream_t stream);
 
+// The CUTLASS convolutions' prologue vectors (common/bn_math.h, prologue_alpha): scale_out / shift_out fp16
+// [C] (2-byte elements), alpha_out one float. mean / invstd float [C]; weight / bias float [C] or nullptr.
+// One block; C >= 1.
+cudaError_t launch_bn_prologue_half(const float* mean, const float* invstd, const float* weight, const float* bias,
+                                    int64_t C, void* scale_out, void* shift_out, float* alpha_out,
+                                    cudaStream_t stream);
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

@@ -134,7 +134,14 @@ def _fake_conv_fwd(x, weight, mean, invstd, bn_weight, bn_bias, relu_in, bias, r
     return y, x.new_empty((3, weight.shape[0]) if stats else (0,), dtype=torch.float64)
 
 
+def _fake_bn_prologue_half(mean, invstd, weight, bias):
+    c = mean.shape[0]
+    return (mean.new_empty((c,), dtype=torch.float16), mean.new_empty((c,), dtype=torch.float16),
+            mean.new_empty((1,), dtype=torch.float32))
+
+
 if backends.extension_loaded():
+    torch.library.register_fake("fused_resnet_C::bn_prologue_half", _fake_bn_prologue_half)
     torch.library.register_fake("fused_resnet_C::conv_fwd", _fake_conv_fwd)
     torch.library.register_fake("fused_resnet_C::conv_wgrad", _fake_conv_wgrad)
     torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)

@@ -16,11 +16,14 @@
 // Prologue numerics: the transform computes relu(x * scale + shift) with scale and shift rounded to fp16 here
 // (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale), in fp16 arithmetic for fp16
 // activations (CUTLASS's fma.rn.f16x2.relu) and fp32 for bf16 (bf16_scale_bias_relu.cuh); the Triton kernels
-// and the CPU twin apply (x - mean) * scale + bias in fp32. For channels whose |mean * scale| is large
-// against the normalised values, the fp16 shift loses digits: unmeasured on a GPU. Range: scale and shift
-// are divided by a power of two alpha >= 1 (computed on the device, no sync) that brings them under
-// kPrologueLimit, and the epilogue multiplies the accumulator by alpha (relu(v) = alpha * relu(v / alpha)),
-// so a large shift (a near-constant channel: invstd = 1 / sqrt(eps)) never overflows fp16 into inf.
+// and the CPU twin apply (x - mean) * scale + bias in fp32. The folded form cancels where |mean * scale| is
+// large against the normalised values: the fp16 shift then carries an absolute error of about
+// |shift| * 2^-11 that eager's (x - mean) * scale does not have (e.g. a near-constant channel, invstd =
+// 1 / sqrt(eps), whose mean is far from 0). Unmeasured on a GPU; the reason the per-shape choice must not
+// take CUTLASS before the GPU parity tests pass. Range: scale and shift are divided by a power of two
+// alpha >= 1 (computed on the device, no sync) that brings them under kPrologueLimit (common/bn_math.h),
+// and the epilogue multiplies the accumulator by alpha (relu(v) = alpha * relu(v / alpha)), so they never
+// overflow fp16 into inf.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -98,31 +101,27 @@ cuda_conv::ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef weight_size
   return s;
 }
 
-// The largest |scale| or |shift| handed to the fp16 transform: a quarter of fp16's largest finite value, so
-// that x * scale + shift in the fp16 transform has headroom too.
-constexpr double kPrologueLimit = 16384.0;
-
-// The prologue as the transforms take it: relu(x * scale + shift) with scale = bn_weight * invstd and
-// shift = bn_bias - mean * scale computed in fp32, divided by alpha (a power of two >= 1: exact) and rounded
-// once to fp16; alpha = 1 unless max(|scale|, |shift|) > kPrologueLimit. alpha is a one-element fp32 device
-// tensor that the epilogue reads (no host sync); NaN or inf in scale or shift make alpha NaN or inf, so
-// the output is NaN / inf, as eager's would be. Fresh allocations of the caching allocator: contiguous and
-// 16-byte aligned.
+// The prologue as the transforms take it: relu(x * scale + shift) with fp16 scale / alpha, shift / alpha and
+// an fp32 alpha on the device (common/bn_math.h, prologue_alpha), from one kernel launch
+// (cuda_bn::launch_bn_prologue_half, also the CUDA implementation of the bn_prologue_half op, which the CPU
+// emulation tests against its CPU twin). Fresh allocations of the caching allocator: 16-byte aligned.
 struct PrologueVectors {
   at::Tensor scale, shift, alpha;
 };
 
 PrologueVectors prologue_vectors(const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& bn_weight,
                                  const OptTensor& bn_bias) {
-  at::Tensor scale = invstd.to(at::kFloat);
-  if (present(bn_weight)) scale = scale * bn_weight->to(at::kFloat);
-  at::Tensor shift = -mean.to(at::kFloat) * scale;
-  if (present(bn_bias)) shift = shift + bn_bias->to(at::kFloat);
-  const at::Tensor amax = at::maximum(scale.abs().amax(), shift.abs().amax());
-  // exp2(ceil(log2(amax / limit))) >= amax / limit; log2(0) = -inf gives 0, hence the clamp to 1.
-  const at::Tensor alpha = at::exp2(at::ceil(at::log2(amax / kPrologueLimit))).clamp_min(1.0).reshape({1});
-  return {(scale / alpha).to(at::kHalf).contiguous(), (shift / alpha).to(at::kHalf).contiguous(),
-          alpha.contiguous()};
+  const PrologueHalfArgs a = prepare_prologue_half(mean.to(at::kFloat), invstd.to(at::kFloat), bn_weight, bn_bias);
+  const auto opts = a.mean.options();
+  PrologueVectors v{at::empty({a.C}, opts.dtype(at::kHalf)), at::empty({a.C}, opts.dtype(at::kHalf)),
+                    at::empty({1}, opts)};
+  const cudaError_t err = cuda_bn::launch_bn_prologue_half(
+      a.mean.const_data_ptr<float>(), a.invstd.const_data_ptr<float>(),
+      a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr,
+      a.bias.defined() ? a.bias.const_data_ptr<float>() : nullptr, a.C, v.scale.data_ptr(), v.shift.data_ptr(),
+      v.alpha.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: prologue vectors launch failed: ", cudaGetErrorString(err));
+  return v;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
