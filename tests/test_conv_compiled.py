@@ -32,6 +32,9 @@ CASES = {
     "7x7_s2_stem": (1, 3, 17, 15, 16, 7, 7, 2, 3, 1, 1),
     "1x1_map": (3, 65, 1, 1, 20, 1, 1, 1, 0, 1, 1),
     "3x3_batch1_c8": (1, 8, 7, 9, 16, 3, 3, 1, 1, 1, 1),
+    # Several CUTLASS tiles (128 x 128): M = 4 * 12 * 12 = 576 rows (5 row tiles, the last partial), K = 136
+    # (2 column tiles, the second of 8 channels): the statistics epilogue's per-tile partials and their merge.
+    "3x3_tiles": (4, 16, 12, 12, 136, 3, 3, 1, 1, 1, 1),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -361,7 +364,7 @@ def test_cutlass_takes(args, takes):
 
 needs_cutlass_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and conv_compiled.cutlass_built()),
                                        reason="needs a CUDA device and the CUTLASS build (FUSED_RESNET_CUTLASS)")
-GPU_CASES = ["1x1_s2_odd", "3x3", "3x3_dil2", "3x3_batch1_c8"]
+GPU_CASES = ["1x1_s2_odd", "3x3", "3x3_dil2", "3x3_batch1_c8", "3x3_tiles"]
 
 
 def _on_cuda(t: dict) -> dict:
@@ -544,3 +547,24 @@ def test_opcheck_bn_prologue_half():
     args = (torch.randn(24, generator=g), torch.rand(24, generator=g) + 0.5, torch.rand(24, generator=g),
             torch.randn(24, generator=g))
     torch.library.opcheck(torch.ops.fused_resnet_C.bn_prologue_half.default, args)
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
+def test_cutlass_on_cuda_is_deterministic(dtype):
+    """y, its epilogue statistics (several row and column tiles, merged in a fixed order) and dw (serial
+    split-K) are bitwise the same on a second run."""
+    case = "3x3_tiles"
+    *_, stride, padding, dilation, groups = CASES[case]
+    tc = _on_cuda(_inputs(case, dtype, torch.channels_last))
+    grad = _residual(_inputs(case, dtype, torch.channels_last), case, dtype, torch.channels_last).cuda()
+    p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
+    fns = dispatch.conv_functions("cuda", "cuda")
+    runs = []
+    for _ in range(2):
+        y, s = fns.fwd(tc["x"], tc["w"], [stride] * 2, [padding] * 2, [dilation] * 2, groups, prologue=p, stats=True)
+        dw = fns.wgrad(grad, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
+        runs.append((y, s, dw))
+    torch.cuda.synchronize()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

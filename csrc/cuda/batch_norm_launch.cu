@@ -367,5 +367,14 @@ cudaError_t launch_bn_prologue_half(const float* mean, const float* invstd, cons
   return cudaGetLastError();
 }
 
+cudaError_t launch_merge_stats_partials(const double* partials, int64_t P, int64_t C, double* stats,
+                                        cudaStream_t stream) {
+  if (P <= 0 || C <= 0) return cudaErrorInvalidValue;
+  if (cdiv(C, kPartialsTX) > INT_MAX) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(cdiv(C, kPartialsTX)));
+  merge_stats_partials_kernel<<<grid, dim3(kPartialsTX, kPartialsTY), 0, stream>>>(partials, P, C, stats);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

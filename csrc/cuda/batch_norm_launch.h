@@ -66,5 +66,10 @@ cudaError_t launch_bn_prologue_half(const float* mean, const float* invstd, cons
                                     int64_t C, void* scale_out, void* shift_out, float* alpha_out,
                                     cudaStream_t stream);
 
+// stats: double [3, C] = the Chan merge, in a fixed order, of partials double [P, 3, C] (count, mean, m2):
+// bn_stats' second pass, for statistics whose partials another kernel wrote (the CUTLASS fprop's epilogue).
+cudaError_t launch_merge_stats_partials(const double* partials, int64_t P, int64_t C, double* stats,
+                                        cudaStream_t stream);
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

@@ -9,7 +9,7 @@ bf16, channels_last), forward and backward, for four providers:
   fused      the Triton convolutions with the prologue and the statistics epilogue; backward = dgrad and wgrad
              with the prologue recomputed in registers
   cutlass    the CUDA C++ convolutions (conv implementation "cuda": CUTLASS, csrc/cuda/conv/) with the prologue
-             in the mainloop, statistics by the BatchNorm kernels on y, wgrad with the prologue recomputed,
+             in the mainloop and the statistics in the epilogue, wgrad with the prologue recomputed,
              dgrad; where CUTLASS does not take a call (the stem's 3 channels, a convolution without a
              prologue, dilation) that call runs the ATen path, and the row says so ("ran": cutlass / aten per
              pass, "*" in the table), so a fallback is never reported as CUTLASS's speed

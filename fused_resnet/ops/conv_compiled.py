@@ -17,6 +17,10 @@ CUTLASS's transform (fp16 arithmetic), bf16 ones our specialisation of it (csrc/
 bf16_scale_bias_relu.cuh: fp32 arithmetic, one rounding). Vectors beyond fp16's range are divided by a power
 of two that the epilogue multiplies back (no host sync).
 
+Statistics (``stats=True``): with the prologue, computed in the fprop's epilogue from the tile each CTA just
+stored (csrc/cuda/conv/tile_stats_epilogue.cuh), per 128-row tile and channel, Chan-merged in double in a
+fixed order: deterministic, bn_stats' format. With the eval epilogue: bn_stats on the stored y.
+
 Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
 fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
 ``conv_dgrad`` (CUTLASS's strided dgrad; no ReLU-mask / BN-backward-reduce epilogue yet, so dgrad_bn is None

@@ -11,8 +11,10 @@
 //               eval epilogue bias (+ residual) + ReLU without a prologue;
 //   conv_wgrad  the BN-apply + ReLU prologue, recomputed;
 //   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation).
-// Statistics: bn_stats' CUDA kernels run on the stored y after the convolution (deterministic, the same
-// (count, mean, m2) format), a second pass over y; the fused statistics epilogue is not written yet.
+// Statistics: with the prologue, in the fprop's epilogue (tile_stats_epilogue.cuh: per 128-row tile and
+// channel, from the tile the CTA just stored), then Chan-merged in double in a fixed order
+// (cuda_bn::launch_merge_stats_partials); deterministic, bn_stats' (count, mean, m2) format. With the eval
+// epilogue (no statistics epilogue instantiated): bn_stats' kernels on the stored y, a second pass.
 // Prologue numerics: the transform computes relu(x * scale + shift) with scale and shift rounded to fp16 here
 // (from fp32 scale = bn_weight * invstd, shift = bn_bias - mean * scale), in fp16 arithmetic for fp16
 // activations (CUTLASS's fma.rn.f16x2.relu) and fp32 for bf16 (bf16_scale_bias_relu.cuh); the Triton kernels
@@ -156,16 +158,27 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
   const at::ScalarType dtype = x.scalar_type();
+  at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble)), tile_stats;
   if (bn_relu_prologue) {
     TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bn_relu_supports<decltype(t)::value>(s); }),
                 "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
                 "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
     const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+    // Statistics in the epilogue: one (count, mean, m2) per row tile and channel, merged below.
+    const int64_t row_tiles = (int64_t(s.N) * s.P * s.Q + cuda_conv::kFpropTileRows - 1) / cuda_conv::kFpropTileRows;
+    if (stats) {
+      s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
+      tile_stats = row_tiles > 1 ? at::empty({row_tiles, 3, s.K}, y.options().dtype(at::kDouble)) : s_out;
+    }
     err = with_conv_dtype(dtype, [&](auto t) {
-      return cuda_conv::fprop_bn_relu<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(),
-                                               v.shift.const_data_ptr(), v.alpha.const_data_ptr<float>(),
-                                               y.data_ptr(), stream);
+      return cuda_conv::fprop_bn_relu<decltype(t)::value>(
+          s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
+          v.alpha.const_data_ptr<float>(), y.data_ptr(), stats ? tile_stats.data_ptr<double>() : nullptr, stream);
     });
+    if (err == cudaSuccess && stats && row_tiles > 1) {
+      err = cuda_bn::launch_merge_stats_partials(tile_stats.const_data_ptr<double>(), row_tiles, s.K,
+                                                 s_out.data_ptr<double>(), stream);
+    }
   } else {
     TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bias_residual_relu_supports<decltype(t)::value>(s); }),
                 "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
@@ -182,8 +195,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   }
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
 
-  at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble));
-  if (stats) {
+  if (stats && !bn_relu_prologue) {  // the eval-epilogue kernel has no statistics epilogue: bn_stats on y
     const Layout l = layout_of(y);
     const auto dt = dtype == at::kBFloat16 ? cuda_bn::DType::kBFloat16 : cuda_bn::DType::kHalf;
     const int64_t P = cuda_bn::stats_num_partials(l, dt);

@@ -58,11 +58,19 @@ inline int conv_out_extent(int in, int filter, int pad, int stride, int dilation
 // Takes: C % 8 == 0 and K % 8 == 0 (128-bit accesses), groups 1, any R, S, stride, padding, dilation
 // (one instantiation per tile shape; the iterator is CUTLASS's kOptimized one).
 
+// Statistics: tile_stats nullptr, or double [ceil(N*P*Q / kFpropTileRows), 3, K]: per row tile of
+// kFpropTileRows output pixels and per output channel, the (count, mean, m2) of the stored y (exact two-pass
+// in fp32 over the tile's rounded values), computed in the epilogue from the tile the CTA just stored
+// (tile_stats_epilogue.cuh). The caller Chan-merges the row tiles in a fixed order
+// (cuda_bn::launch_merge_stats_partials); with one row tile, tile_stats is the [3, K] result itself.
+constexpr int kFpropTileRows = 128;
+constexpr int kFpropTileCols = 128;
+
 template <ConvDType T>
 bool fprop_bn_relu_supports(const ConvShape& s);
 template <ConvDType T>
 cudaError_t fprop_bn_relu(const ConvShape& s, const void* x, const void* w, const void* scale, const void* shift,
-                          const float* alpha, void* y, cudaStream_t stream);
+                          const float* alpha, void* y, double* tile_stats, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
 // fprop with the eval epilogue (a BatchNorm folded into w and bias, no prologue):

@@ -6,7 +6,7 @@ namespace cuda_conv {
 
 template bool fprop_bn_relu_supports<ConvDType::kBFloat16>(const ConvShape&);
 template cudaError_t fprop_bn_relu<ConvDType::kBFloat16>(const ConvShape&, const void*, const void*, const void*,
-                                                    const void*, const float*, void*, cudaStream_t);
+                                                    const void*, const float*, void*, double*, cudaStream_t);
 
 }  // namespace cuda_conv
 }  // namespace fused_resnet

@@ -6,7 +6,7 @@ namespace cuda_conv {
 
 template bool fprop_bn_relu_supports<ConvDType::kHalf>(const ConvShape&);
 template cudaError_t fprop_bn_relu<ConvDType::kHalf>(const ConvShape&, const void*, const void*, const void*,
-                                                    const void*, const float*, void*, cudaStream_t);
+                                                    const void*, const float*, void*, double*, cudaStream_t);
 
 }  // namespace cuda_conv
 }  // namespace fused_resnet
