@@ -87,4 +87,12 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "conv_dgrad(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
       "int groups) -> Tensor");
+  // conv_dgrad followed by the prologue BatchNorm's ReLU mask and backward reduction (fused_resnet.ops.conv's
+  // conv_dgrad_bn): x is the prologue's input (its shape is the convolution's input size), a = relu?(z) with
+  // z = (x - mean) * bn_weight * invstd + bn_bias. Returns (dz, sums): dz = conv_dgrad * [z > 0] (no mask
+  // when !relu) in x's dtype and suggested memory format, sums = (sum dz, sum dz * xhat) of x's accumulation
+  // type, [2, C], xhat = (x - mean) * invstd, over the stored (rounded) dz.
+  m.def(
+      "conv_dgrad_bn(Tensor grad_out, Tensor weight, Tensor x, Tensor mean, Tensor invstd, Tensor? bn_weight, "
+      "Tensor? bn_bias, bool relu, int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
 }

@@ -120,7 +120,8 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
         compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=compiled.conv_dgrad,
-                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn), dgrad_bn=None, backward=None)
+                               wgrad=functools.partial(compiled.conv_wgrad, bn=bn),
+                               dgrad_bn=functools.partial(compiled.conv_dgrad_bn, bn=bn), backward=None)
     if impl == "gemm":
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(conv_gemm.conv_fwd, bn=bn), dgrad=conv_gemm.conv_dgrad,

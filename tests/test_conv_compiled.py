@@ -568,3 +568,107 @@ def test_cutlass_on_cuda_is_deterministic(dtype):
     torch.cuda.synchronize()
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conv_dgrad_bn: dgrad, then the prologue BatchNorm's ReLU mask and backward reduction (the CUTLASS
+# implementation does both in its epilogue; on CPU its C++ twin).
+
+def _dgrad_bn_eager(t, grad, case, relu, with_affine=True):
+    """(dz, (sum dz, sum dz * xhat)) in eager ops: dgrad in x's dtype, mask and sums in the accumulation dtype
+    (float64 inputs give the reference)."""
+    *_, stride, padding, dilation, groups = CASES[case]
+    x = t["x"]
+    xx = x.detach().clone().requires_grad_()
+    (F.conv2d(xx, t["w"], None, stride, padding, dilation, groups) * grad).sum().backward()
+    dx = xx.grad
+    acc = t["mean"].dtype
+    xa = x.to(acc)
+    mu, inv = t["mean"][:, None, None], t["invstd"][:, None, None]
+    if relu:
+        scale = (t["invstd"] * t["bn_w"] if with_affine else t["invstd"])[:, None, None]
+        z = (xa - mu) * scale + (t["bn_b"][:, None, None] if with_affine else 0)
+        dx = torch.where(z > 0, dx, torch.zeros((), dtype=dx.dtype))
+    d = dx.to(acc)
+    return dx, torch.stack([d.sum(dim=(0, 2, 3)), (d * ((xa - mu) * inv)).sum(dim=(0, 2, 3))])
+
+
+@pytest.mark.parametrize("relu, affine", [(True, True), (False, True), (True, False)], ids=["relu", "norelu", "noaffine"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_twin_dgrad_bn_matches_float64(case, dtype, memory_format, relu, affine):
+    if dtype != torch.float32 and not _half_conv_on_cpu(dtype):
+        pytest.skip(f"this torch has no CPU {dtype} convolution")
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, memory_format)
+    grad = _residual(t, case, dtype, memory_format)
+    t64 = {k: v.double() for k, v in t.items()}
+    bw, bb = (t["bn_w"], t["bn_b"]) if affine else (None, None)
+    dz, sums = dispatch.conv_functions("cuda", "cpu").dgrad_bn(
+        grad, t["w"], t["x"], t["mean"], t["invstd"], bw, bb, relu, [stride] * 2, [padding] * 2, [dilation] * 2,
+        groups, memory_format)
+    assert dz.dtype == dtype and dz.is_contiguous(memory_format=memory_format)
+    assert sums.dtype == t["mean"].dtype and sums.shape == (2, t["x"].shape[1])
+    eager = _dgrad_bn_eager(t, grad, case, relu, affine)
+    ref = _dgrad_bn_eager(t64, grad.double(), case, relu, affine)
+    floor = FLOORS[dtype]
+    assert_2x_eager(f"{case} dz", dz, eager[0], ref[0], dtype, floor)
+    assert_2x_eager(f"{case} sum dz", sums[0], eager[1][0], ref[1][0], dtype, floor)
+    assert_2x_eager(f"{case} sum dz xhat", sums[1], eager[1][1], ref[1][1], dtype, floor)
+    if relu:  # the mask is applied: dz is exactly 0 wherever the prologue's z <= 0
+        scale = (t64["invstd"] * t64["bn_w"] if affine else t64["invstd"])[:, None, None]
+        z = (t64["x"] - t64["mean"][:, None, None]) * scale + (t64["bn_b"][:, None, None] if affine else 0)
+        assert bool((dz.double()[z <= 0] == 0).all()) and bool((z <= 0).any())
+
+
+@pytest.mark.parametrize("case", ["3x3", "1x1", "3x3_groups"])
+def test_opcheck_dgrad_bn(case):
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, torch.float32, torch.channels_last)
+    grad = _residual(t, case, torch.float32, torch.channels_last)
+    torch.library.opcheck(torch.ops.fused_resnet_C.conv_dgrad_bn.default,
+                          (grad, t["w"], t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], True, [stride] * 2,
+                           [padding] * 2, [dilation] * 2, groups))
+
+
+@pytest.mark.parametrize("args, takes", [
+    (dict(), True),
+    (dict(dtype=torch.bfloat16), True),
+    (dict(stride=(2, 2)), False),          # the unit-stride dgrad only: strided tiles are not consecutive rows
+    (dict(dilation=(2, 2)), False),
+    (dict(C=12), False),
+    (dict(mean_dtype=torch.float64), False),
+])
+def test_cutlass_takes_dgrad_bn(args, takes):
+    a = dict(dtype=torch.float16, C=16, K=24, stride=(1, 1), dilation=(1, 1), mean_dtype=torch.float32) | args
+    g = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"])
+    w = torch.empty(a["K"], a["C"], 3, 3, dtype=a["dtype"])
+    x = torch.empty(2, a["C"], 5, 5, dtype=a["dtype"])
+    assert conv_compiled.cutlass_takes_dgrad_bn(g, w, x, torch.empty(a["C"], dtype=a["mean_dtype"]), a["stride"],
+                                                a["dilation"], 1) == takes
+
+
+@needs_cutlass_gpu
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_cutlass_on_cuda_dgrad_bn_matches_float64(case, dtype, relu):
+    """CUTLASS's dgrad with the BatchNorm epilogue where it takes the call (stride 1, dilation 1), the
+    fallback (dgrad + bn_backward_reduce + mask) elsewhere; both against float64 by the 2x-eager rule."""
+    *_, stride, padding, dilation, groups = CASES[case]
+    t = _inputs(case, dtype, torch.channels_last)
+    grad = _residual(t, case, dtype, torch.channels_last)
+    t64 = {k: v.double() for k, v in t.items()}
+    tc, gc = _on_cuda(t), grad.cuda()
+    takes = conv_compiled.cutlass_takes_dgrad_bn(gc, tc["w"], tc["x"], tc["mean"], [stride] * 2, [dilation] * 2, groups)
+    assert takes == (stride == 1 and dilation == 1)
+    dz, sums = dispatch.conv_functions("cuda", "cuda").dgrad_bn(
+        gc, tc["w"], tc["x"], tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], relu, [stride] * 2, [padding] * 2,
+        [dilation] * 2, groups, torch.channels_last)
+    torch.cuda.synchronize()
+    eager = _dgrad_bn_eager(tc, gc, case, relu)
+    ref = _dgrad_bn_eager(t64, grad.double(), case, relu)
+    assert_2x_eager(f"{case} dz", dz, eager[0], ref[0], dtype, FLOORS[dtype])
+    assert_2x_eager(f"{case} sum dz", sums[0], eager[1][0], ref[1][0], dtype, FLOORS[dtype])
+    assert_2x_eager(f"{case} sum dz xhat", sums[1], eager[1][1], ref[1][1], dtype, FLOORS[dtype])

@@ -57,7 +57,8 @@ TESTED_OPS = {"bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_bac
 # and tested against its CPU twin's contract in tests/test_conv_compiled.py; GPU parity is for a CUDA machine.
 NOT_EMULATED = {"conv_fwd": "CUTLASS tensor-core kernels (csrc/cuda/conv/)",
                 "conv_wgrad": "CUTLASS tensor-core kernels (csrc/cuda/conv/)",
-                "conv_dgrad": "CUTLASS tensor-core kernels (csrc/cuda/conv/)"}
+                "conv_dgrad": "CUTLASS tensor-core kernels (csrc/cuda/conv/)",
+                "conv_dgrad_bn": "CUTLASS tensor-core kernels (csrc/cuda/conv/)"}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BITWISE = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,

@@ -88,4 +88,18 @@ inline void check_conv_dgrad_args(const at::Tensor& grad_out, const at::Tensor& 
               ", P, Q], got ", grad_out.sizes());
 }
 
+// conv_dgrad_bn: conv_dgrad's checks for input x.sizes(), x of grad_out's dtype, and the prologue BatchNorm's
+// channel vectors as bn_act takes them.
+inline void check_conv_dgrad_bn_args(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& x,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     const c10::optional<at::Tensor>& bn_weight,
+                                     const c10::optional<at::Tensor>& bn_bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_apply_args(x, mean, invstd, bn_weight, bn_bias);
+  TORCH_CHECK(x.scalar_type() == grad_out.scalar_type() && x.device() == grad_out.device(),
+              "fused_resnet: conv_dgrad_bn: x is ", x.scalar_type(), " on ", x.device(), " but grad_out is ",
+              grad_out.scalar_type(), " on ", grad_out.device());
+  check_conv_dgrad_args(grad_out, weight, x.sizes(), stride, padding, dilation, groups);
+}
+
 }  // namespace fused_resnet

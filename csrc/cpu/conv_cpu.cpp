@@ -1,4 +1,4 @@
-// CPU implementations of conv_fwd, conv_wgrad and conv_dgrad (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
+// CPU implementations of conv_fwd, conv_wgrad, conv_dgrad and conv_dgrad_bn (contract: csrc/ops.cpp): ATen's convolution with fused_resnet's own CPU
 // BatchNorm kernels (bn_act, bn_stats, csrc/cpu/batch_norm_cpu.cpp) around it, called through the
 // dispatcher. The prologue's output relu?(bn(x)) is materialised here. This is the twin of the CUDA
 // implementation (csrc/cuda/conv/, CUTLASS) that lets opcheck and the contract tests run without a GPU; the
@@ -83,12 +83,39 @@ at::Tensor conv_dgrad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, 
   return dx.contiguous(grad_out.suggest_memory_format());
 }
 
+// ATen's dgrad, then the mask and the reductions in ATen ops in x's accumulation type.
+std::tuple<at::Tensor, at::Tensor> conv_dgrad_bn_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                     const at::Tensor& x, const at::Tensor& mean,
+                                                     const at::Tensor& invstd, const OptTensor& bn_weight,
+                                                     const OptTensor& bn_bias, bool relu, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                     int64_t groups) {
+  check_conv_dgrad_bn_args(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, stride, padding, dilation, groups);
+  const auto format = x.suggest_memory_format();
+  at::Tensor dz = std::get<0>(at::convolution_backward(grad_out, x, weight, c10::nullopt, stride, padding, dilation,
+                                                       /*transposed=*/false, {0, 0}, groups, {true, false, false}))
+                      .contiguous(format);
+  const auto acc = acc_type_of(x);
+  const at::Tensor xa = x.to(acc), mu = mean.view({1, -1, 1, 1}), is = invstd.view({1, -1, 1, 1});
+  if (relu) {
+    at::Tensor scale = is;
+    if (present(bn_weight)) scale = scale * bn_weight->to(acc).view({1, -1, 1, 1});
+    at::Tensor z = (xa - mu) * scale;  // bn_math.h's bn_affine: (x - mean) * scale + bias
+    if (present(bn_bias)) z = z + bn_bias->to(acc).view({1, -1, 1, 1});
+    dz = dz.masked_fill(z.le(0) | z.isnan(), 0).contiguous(format);  // keeps dz where z > 0 only
+  }
+  const at::Tensor d = dz.to(acc);
+  const at::Tensor sums = at::stack({d.sum({0, 2, 3}), (d * ((xa - mu) * is)).sum({0, 2, 3})});
+  return {dz, sums};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
   m.impl("conv_fwd", &conv_fwd_cpu);
   m.impl("conv_wgrad", &conv_wgrad_cpu);
   m.impl("conv_dgrad", &conv_dgrad_cpu);
+  m.impl("conv_dgrad_bn", &conv_dgrad_bn_cpu);
 }
 
 }  // namespace fused_resnet

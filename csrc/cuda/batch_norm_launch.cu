@@ -376,5 +376,14 @@ cudaError_t launch_merge_stats_partials(const double* partials, int64_t P, int64
   return cudaGetLastError();
 }
 
+cudaError_t launch_reduce_partials_float(const float* partials, int64_t P, int K, int64_t C, float* out,
+                                         cudaStream_t stream) {
+  if (P <= 0 || C <= 0 || K <= 0 || K > 65535) return cudaErrorInvalidValue;
+  if (cdiv(C, kPartialsTX) > INT_MAX) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(cdiv(C, kPartialsTX)), static_cast<unsigned>(K));
+  reduce_partials_kernel<float><<<grid, dim3(kPartialsTX, kPartialsTY), 0, stream>>>(partials, P, K, C, out);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

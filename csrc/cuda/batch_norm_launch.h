@@ -71,5 +71,10 @@ cudaError_t launch_bn_prologue_half(const float* mean, const float* invstd, cons
 cudaError_t launch_merge_stats_partials(const double* partials, int64_t P, int64_t C, double* stats,
                                         cudaStream_t stream);
 
+// out: float [K, C] = the sums over p of partials float [P, K, C], in a fixed order: bn_backward_reduce's
+// second pass, for partials another kernel wrote (the CUTLASS dgrad's BatchNorm epilogue).
+cudaError_t launch_reduce_partials_float(const float* partials, int64_t P, int K, int64_t C, float* out,
+                                         cudaStream_t stream);
+
 }  // namespace cuda_bn
 }  // namespace fused_resnet

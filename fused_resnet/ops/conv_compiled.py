@@ -18,13 +18,14 @@ bf16_scale_bias_relu.cuh: fp32 arithmetic, one rounding). Vectors beyond fp16's 
 of two that the epilogue multiplies back (no host sync).
 
 Statistics (``stats=True``): with the prologue, computed in the fprop's epilogue from the tile each CTA just
-stored (csrc/cuda/conv/tile_stats_epilogue.cuh), per 128-row tile and channel, Chan-merged in double in a
+stored (csrc/cuda/conv/tile_epilogue.cuh), per 128-row tile and channel, Chan-merged in double in a
 fixed order: deterministic, bn_stats' format. With the eval epilogue: bn_stats on the stored y.
 
 Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
 fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
-``conv_dgrad`` (CUTLASS's strided dgrad; no ReLU-mask / BN-backward-reduce epilogue yet, so dgrad_bn is None
-and the BatchNorm's backward runs after it).
+``conv_dgrad`` (CUTLASS's strided dgrad) and ``conv_dgrad_bn`` (dgrad_bn: CUTLASS's unit-stride dgrad with
+the prologue BatchNorm's ReLU mask and backward reduction in its epilogue, stride 1; other calls dgrad, then
+the backend's bn_backward_reduce).
 
 Status: the CUTLASS path compiles (scripts/check_cuda_compile.sh, sm_80 and sm_90) but has not run on a GPU:
 no parity or speed claim is made for it, and dispatch's automatic per-shape choice does not measure it
@@ -120,6 +121,43 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, d
     return dx.to(dtype).contiguous(memory_format=memory_format)
 
 
+def cutlass_takes_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, stride, dilation,
+                           groups: int) -> bool:
+    """Whether the CUDA registration of conv_dgrad_bn takes this call: conv_dgrad's conditions, stride 1 (the
+    unit-stride dgrad, whose tiles are consecutive rows of dx), x of grad_out's dtype, fp32 statistics."""
+    return (tuple(stride) == (1, 1) and x.dtype == grad_out.dtype and mean.dtype == torch.float32
+            and cutlass_takes_dgrad(grad_out, weight, x.shape, dilation, groups))
+
+
+def conv_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, stride, padding, dilation,
+                  groups: int, memory_format=torch.channels_last, bn=None) -> tuple[Tensor, Tensor]:
+    """(dz, (sum dz, sum dz * xhat)): the signature of kernels/conv_bwd.conv_dgrad_bn. CUTLASS's dgrad with the
+    mask and the reduction in its epilogue where it takes the call; on other CUDA calls conv_dgrad followed by
+    the backend's bn_backward_reduce and the mask; on CPU tensors the C++ twin."""
+    if grad_out.device.type == "cuda" and not (cutlass_built() and cutlass_takes_dgrad_bn(
+            grad_out, weight, x, mean, stride, dilation, groups)):
+        dx = conv_dgrad(grad_out, weight, x.shape, stride, padding, dilation, groups, x.dtype, memory_format)
+        sums = bn.bn_backward_reduce(dx, x, mean, invstd, bn_weight, bn_bias, None, relu)
+        if relu:
+            scale = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
+            z = (x.to(mean.dtype) - mean[:, None, None]) * scale[:, None, None]
+            if bn_bias is not None:
+                z = z + bn_bias.to(mean.dtype)[:, None, None]
+            dx = torch.where(z > 0, dx, torch.zeros((), dtype=dx.dtype, device=dx.device))
+        return dx.contiguous(memory_format=memory_format), sums
+    dz, sums = torch.ops.fused_resnet_C.conv_dgrad_bn(grad_out.to(x.dtype), weight.to(x.dtype), x, mean, invstd,
+                                                      bn_weight, bn_bias, bool(relu), list(stride), list(padding),
+                                                      list(dilation), groups)
+    return dz.contiguous(memory_format=memory_format), sums
+
+
+def _fake_conv_dgrad_bn(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, relu, stride, padding, dilation,
+                        groups):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x)),
+            mean.new_empty((2, x.shape[1])))
+
+
 def _fake_conv_dgrad(grad_out, weight, input_size, stride, padding, dilation, groups):
     return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device,
                        memory_format=suggest_memory_format(grad_out))
@@ -149,5 +187,7 @@ if backends.extension_loaded():
     torch.library.register_fake("fused_resnet_C::conv_fwd", _fake_conv_fwd)
     torch.library.register_fake("fused_resnet_C::conv_wgrad", _fake_conv_wgrad)
     torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)
+    torch.library.register_fake("fused_resnet_C::conv_dgrad_bn", _fake_conv_dgrad_bn)
 
-__all__ = ["conv_dgrad", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad"]
+__all__ = ["conv_dgrad", "conv_dgrad_bn", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad",
+           "cutlass_takes_dgrad_bn"]

@@ -10,8 +10,10 @@
 //   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
 //               eval epilogue bias (+ residual) + ReLU without a prologue;
 //   conv_wgrad  the BN-apply + ReLU prologue, recomputed;
-//   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation).
-// Statistics: with the prologue, in the fprop's epilogue (tile_stats_epilogue.cuh: per 128-row tile and
+//   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation);
+//   conv_dgrad_bn  stride 1 and dilation 1 (CUTLASS's unit-stride dgrad, the tile epilogue needs its
+//               consecutive rows).
+// Statistics: with the prologue, in the fprop's epilogue (tile_epilogue.cuh: per 128-row tile and
 // channel, from the tile the CTA just stored), then Chan-merged in double in a fixed order
 // (cuda_bn::launch_merge_stats_partials); deterministic, bn_stats' (count, mean, m2) format. With the eval
 // epilogue (no statistics epilogue instantiated): bn_stats' kernels on the stored y, a second pass.
@@ -296,12 +298,65 @@ at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
   return dx.contiguous(format);
 }
 
+// dgrad with the prologue BatchNorm's ReLU mask and backward reduction in the epilogue (dgrad_bn.cuh): stride 1,
+// dilation 1, 16-bit, groups 1, C and K multiples of 8. The row tiles' fp32 partials are summed in a fixed
+// order by bn_backward_reduce's second-pass kernel.
+std::tuple<at::Tensor, at::Tensor> conv_dgrad_bn_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                      const at::Tensor& x, const at::Tensor& mean,
+                                                      const at::Tensor& invstd, const OptTensor& bn_weight,
+                                                      const OptTensor& bn_bias, bool relu, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      int64_t groups) {
+  check_conv_dgrad_bn_args(grad_out, weight, x, mean, invstd, bn_weight, bn_bias, stride, padding, dilation, groups);
+  TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_dgrad_bn: x must be a CUDA tensor here, got one on ", x.device());
+  TORCH_CHECK(is_conv_dtype(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && groups == 1 &&
+                  stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1,
+              "fused_resnet: conv_dgrad_bn (CUDA, CUTLASS) takes fp16 or bf16, groups 1, stride 1 and dilation 1; "
+              "got ", x.scalar_type(), ", groups ", groups, ", stride ", stride, ", dilation ", dilation,
+              " (fused_resnet.dispatch sends other calls to another implementation)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda_conv::ConvShape s = conv_shape(x, weight.sizes(), stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(2) == s.P && grad_out.size(3) == s.Q, "fused_resnet: conv_dgrad_bn: grad_out ",
+              grad_out.sizes(), " is not the output size of this convolution");
+  const auto format = x.suggest_memory_format();
+  at::Tensor dz = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor sums = at::zeros({2, s.C}, x.options().dtype(at::kFloat));
+  if (dz.numel() == 0) return {dz.contiguous(format), sums};
+  if (s.K == 0) return {dz.zero_().contiguous(format), sums};
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::dgrad_bn_supports<decltype(t)::value>(s); }),
+              "fused_resnet: conv_dgrad_bn (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
+              "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+  const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight),
+                   xc = channels_last_aligned(x);
+  const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
+  const at::Tensor bw = present(bn_weight) ? bn_weight->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bb = present(bn_bias) ? bn_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t row_tiles =
+      (int64_t(s.N) * s.H * s.W + cuda_conv::kDgradBnTileRows - 1) / cuda_conv::kDgradBnTileRows;
+  at::Tensor partials = row_tiles > 1 ? at::empty({row_tiles, 2, s.C}, sums.options()) : sums;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = with_conv_dtype(dtype, [&](auto t) {
+    return cuda_conv::dgrad_bn<decltype(t)::value>(
+        s, dyc.const_data_ptr(), wc.const_data_ptr(), xc.const_data_ptr(), mu.const_data_ptr<float>(),
+        is.const_data_ptr<float>(), bw.defined() ? bw.const_data_ptr<float>() : nullptr,
+        bb.defined() ? bb.const_data_ptr<float>() : nullptr, relu, dz.data_ptr(), partials.data_ptr<float>(), stream);
+  });
+  if (err == cudaSuccess && row_tiles > 1) {
+    err = cuda_bn::launch_reduce_partials_float(partials.const_data_ptr<float>(), row_tiles, 2, s.C,
+                                                sums.data_ptr<float>(), stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_dgrad_bn failed: ", cudaGetErrorString(err));
+  return {dz.contiguous(format), sums};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("conv_fwd", &conv_fwd_cuda);
   m.impl("conv_wgrad", &conv_wgrad_cuda);
   m.impl("conv_dgrad", &conv_dgrad_cuda);
+  m.impl("conv_dgrad_bn", &conv_dgrad_bn_cuda);
 }
 
 }  // namespace fused_resnet

@@ -61,7 +61,7 @@ inline int conv_out_extent(int in, int filter, int pad, int stride, int dilation
 // Statistics: tile_stats nullptr, or double [ceil(N*P*Q / kFpropTileRows), 3, K]: per row tile of
 // kFpropTileRows output pixels and per output channel, the (count, mean, m2) of the stored y (exact two-pass
 // in fp32 over the tile's rounded values), computed in the epilogue from the tile the CTA just stored
-// (tile_stats_epilogue.cuh). The caller Chan-merges the row tiles in a fixed order
+// (tile_epilogue.cuh). The caller Chan-merges the row tiles in a fixed order
 // (cuda_bn::launch_merge_stats_partials); with one row tile, tile_stats is the [3, K] result itself.
 constexpr int kFpropTileRows = 128;
 constexpr int kFpropTileCols = 128;
@@ -120,6 +120,24 @@ template <ConvDType T>
 bool dgrad_supports(const ConvShape& s);
 template <ConvDType T>
 cudaError_t dgrad(const ConvShape& s, const void* dy, const void* w, void* dx, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
+// dgrad with the prologue BatchNorm's backward in the epilogue: dz = dgrad(dy, w) * [z > 0] (z = (x - mean) *
+// weight * invstd + bias, the prologue's BatchNorm recomputed from x; no mask when !relu), 16-bit dy / w / x /
+// dz, fp32 accumulation; and partials float [ceil(N*H*W / kDgradBnTileRows), 2, C] = per row tile and channel
+// (sum dz, sum dz * xhat), xhat = (x - mean) * invstd, exact fp32 over the tile's stored (rounded) dz. The
+// caller sums the row tiles in a fixed order (cuda_bn::launch_reduce_partials_float). mean / invstd float
+// [C]; weight / bias float [C] or nullptr. Takes: stride 1 (CUTLASS's unit-stride dgrad), dilation 1,
+// C % 8 == 0 and K % 8 == 0, groups 1.
+constexpr int kDgradBnTileRows = 128;
+constexpr int kDgradBnTileCols = 128;
+
+template <ConvDType T>
+bool dgrad_bn_supports(const ConvShape& s);
+template <ConvDType T>
+cudaError_t dgrad_bn(const ConvShape& s, const void* dy, const void* w, const void* x, const float* mean,
+                     const float* invstd, const float* weight, const float* bias, bool relu, void* dz, float* partials,
+                     cudaStream_t stream);
 
 }  // namespace cuda_conv
 }  // namespace fused_resnet

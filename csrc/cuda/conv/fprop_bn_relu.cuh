@@ -1,6 +1,6 @@
 // fprop with the BN-apply + ReLU prologue (conv_launch.h): 16-bit NHWC x, KRSC w, fp16 scale / shift, NHWC y,
 // fp32 accumulation, y = alpha * acc rounded once, and (when asked) y's per-tile statistics in the epilogue
-// (tile_stats_epilogue.cuh). CUTLASS 2.x ImplicitGemmConvolutionFusion (default_conv2d_
+// (tile_epilogue.cuh). CUTLASS 2.x ImplicitGemmConvolutionFusion (default_conv2d_
 // fprop_fusion.h, example 25): the transform is applied to the activation fragments in registers, between
 // shared memory and mma.sync (fp16: CUTLASS's; bf16: bf16_scale_bias_relu.cuh).
 // Tiles 128 x 128 x 32 (CTA, implicit-GEMM M = N*P*Q rows by N = K output channels), warps 64 x 64 x 32
@@ -16,7 +16,7 @@
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 #include "cuda/conv/bf16_scale_bias_relu.cuh"
-#include "cuda/conv/tile_stats_epilogue.cuh"
+#include "cuda/conv/tile_epilogue.cuh"
 
 namespace fused_resnet {
 namespace cuda_conv {
@@ -27,8 +27,9 @@ struct FpropBnRelu {
   using E = Element<T>;
   using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>;
   // 8 elements per 128-bit store; D = alpha * acc + 0 * C in fp32, rounded once; its Params also carry the
-  // statistics' destination (tile_stats_epilogue.cuh).
-  using OutputOp = LinearCombinationWithTileStats<cutlass::epilogue::thread::LinearCombination<E, 8, float, float>>;
+  // statistics' destination (tile_epilogue.cuh).
+  using OutputOp =
+      LinearCombinationWithTile<cutlass::epilogue::thread::LinearCombination<E, 8, float, float>, TileStats>;
   using Default = cutlass::conv::kernel::DefaultConv2dFpropFusion<
       E, cutlass::layout::TensorNHWC,                 // A: activations
       E, cutlass::layout::TensorNHWC,                 // B: filter (KRSC)
@@ -41,7 +42,7 @@ struct FpropBnRelu {
   // CUTLASS's fusion kernel with its mainloop and its epilogue, followed by the tile statistics.
   using Kernel = cutlass::conv::kernel::ImplicitGemmConvolutionFusion<
       typename Default::Mma,
-      EpilogueWithTileStats<typename Default::Epilogue, Swizzle, kFpropTileRows, kFpropTileCols>, Swizzle,
+      EpilogueThenTile<typename Default::Epilogue, Swizzle, kFpropTileRows, kFpropTileCols>, Swizzle,
       cutlass::conv::Operator::kFprop>;
   using Operation = cutlass::conv::device::ImplicitGemmConvolutionFusion<Kernel>;
 
@@ -51,7 +52,7 @@ struct FpropBnRelu {
     using K = typename Operation::ImplicitGemmFusionKernel;
     const cutlass::layout::RowMajor layout_v(s.C);  // scale and shift: one row of C elements
     const typename K::TensorRefC ref_y(static_cast<E*>(y), layout_output(s));
-    TileStatsParams stats;
+    TileStats stats;
     stats.y = y;
     stats.partials = tile_stats;
     stats.M = int64_t(s.N) * s.P * s.Q;
