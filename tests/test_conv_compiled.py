@@ -336,7 +336,8 @@ def test_dispatch_never_picks_cuda_on_cpu_or_automatically(monkeypatch):
     (dict(C=12), False),                     # C % 8
     (dict(K=20), False),                     # K % 8
     (dict(groups=2), False),
-    (dict(prologue=False), False),           # CUTLASS's transform always applies the ReLU
+    (dict(prologue=False), True),            # no prologue, no epilogue: the plain fprop / wgrad
+    (dict(prologue=False, residual=True), False),  # a residual without the eval epilogue's bias + ReLU
     (dict(relu_in=False), False),
     (dict(bias=True), False),                # prologue and eval epilogue together: not instantiated
     (dict(prologue=False, bias=True), True),  # eval epilogue: bias + ReLU
@@ -375,7 +376,7 @@ GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @needs_cutlass_gpu
-@pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv_bias_residual_relu"])
+@pytest.mark.parametrize("variant", ["bn_relu_conv_stats", "conv_stats", "conv_bias_residual_relu"])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
 @pytest.mark.parametrize("dtype", list(GPU_DTYPES.values()), ids=list(GPU_DTYPES))
 @pytest.mark.parametrize("case", GPU_CASES)
@@ -417,6 +418,10 @@ def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, dtype, memory_forma
     dw = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
     assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, gc, case, True), _wgrad_eager(t64, grad.double(), case, True),
                     dtype, FLOORS[dtype])
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, None, None, None, False)  # the plain wgrad
+    dw_plain = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, None)
+    assert_2x_eager(f"{case} dw (no prologue)", dw_plain, _wgrad_eager(tc, gc, case, False),
+                    _wgrad_eager(t64, grad.double(), case, False), dtype, FLOORS[dtype])
     if not conv_compiled.cutlass_takes_dgrad(gc, tc["w"], tc["x"].shape, [dilation] * 2, groups):
         return  # dilation: the dgrad instantiation does not take it (falls back to ATen by design)
 

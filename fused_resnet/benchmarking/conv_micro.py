@@ -10,8 +10,8 @@ bf16, channels_last), forward and backward, for four providers:
              with the prologue recomputed in registers
   cutlass    the CUDA C++ convolutions (conv implementation "cuda": CUTLASS, csrc/cuda/conv/) with the prologue
              in the mainloop and the statistics in the epilogue, wgrad with the prologue recomputed,
-             dgrad; where CUTLASS does not take a call (the stem's 3 channels, a convolution without a
-             prologue, dilation) that call runs the ATen path, and the row says so ("ran": cutlass / aten per
+             dgrad; where CUTLASS does not take a call (the stem's 3 channels, dilation) that call runs the
+             ATen path, and the row says so ("ran": cutlass / aten per
              pass, "*" in the table), so a fallback is never reported as CUTLASS's speed
 
 The BatchNorm backward of the prologue (mask, reductions, dx) is the same for cudnn+bn and fused and is left

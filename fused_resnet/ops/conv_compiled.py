@@ -3,7 +3,8 @@ the convolution implementation "cuda" of fused_resnet.dispatch:
 
   CUDA tensors  CUTLASS kernels (csrc/cuda/conv/), when the extension was built with them (``cutlass_built``)
                 and the call is one they take (``cutlass_takes``: fp16 or bf16, groups 1, C and K multiples of 8, and
-                the BN-apply + ReLU prologue, or the eval epilogue bias (+ residual) + ReLU); every other call
+                the BN-apply + ReLU prologue, no prologue and no epilogue, or the eval epilogue bias (+ residual)
+                + ReLU); every other call
                 takes the "aten" path
                 (reference.conv_fwd with the backend's BatchNorm kernels), so the choice of "cuda" is safe
                 for any convolution.
@@ -17,12 +18,13 @@ CUTLASS's transform (fp16 arithmetic), bf16 ones our specialisation of it (csrc/
 bf16_scale_bias_relu.cuh: fp32 arithmetic, one rounding). Vectors beyond fp16's range are divided by a power
 of two that the epilogue multiplies back (no host sync).
 
-Statistics (``stats=True``): with the prologue, computed in the fprop's epilogue from the tile each CTA just
+Statistics (``stats=True``): with the prologue or without one, computed in the fprop's epilogue from the tile each CTA just
 stored (csrc/cuda/conv/tile_epilogue.cuh), per 128-row tile and channel, Chan-merged in double in a
 fixed order: deterministic, bn_stats' format. With the eval epilogue: bn_stats on the stored y.
 
 Backward: ``conv_wgrad`` is compiled the same way (fused_resnet_C::conv_wgrad: CUTLASS's wgrad mainloop
-fusion recomputes the prologue in registers, deterministic serial split-K; its C++ twin on CPU), and so is
+fusion recomputes the prologue in registers, or the plain wgrad without one, deterministic serial split-K;
+its C++ twin on CPU), and so is
 ``conv_dgrad`` (CUTLASS's strided dgrad) and ``conv_dgrad_bn`` (dgrad_bn: CUTLASS's unit-stride dgrad with
 the prologue BatchNorm's ReLU mask and backward reduction in its epilogue, stride 1; other calls dgrad, then
 the backend's bn_backward_reduce).
@@ -60,13 +62,14 @@ def cutlass_takes(x: Tensor, weight: Tensor, groups: int, prologue: Optional[tup
                   residual: Optional[Tensor], relu: bool) -> bool:
     """Whether the CUDA registrations of conv_fwd / conv_wgrad (csrc/cuda/conv/conv_cuda_ops.cpp) take this
     call: their checks, restated (they reject anything else with an error, never computing it differently).
-    conv_wgrad is asked with bias=None, relu=False: it needs the prologue."""
+    conv_wgrad is asked with bias=None, relu=False (prologue or none)."""
     shape_ok = (x.dtype in CUTLASS_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and groups == 1
                 and x.shape[1] > 0 and x.shape[1] % CUTLASS_ALIGNMENT == 0
                 and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
     bn_relu_prologue = prologue is not None and bool(prologue[4]) and bias is None and residual is None and not relu
+    plain = prologue is None and bias is None and residual is None and not relu
     eval_epilogue = prologue is None and bias is not None and relu
-    return shape_ok and (bn_relu_prologue or eval_epilogue)
+    return shape_ok and (bn_relu_prologue or plain or eval_epilogue)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, prologue: Optional[tuple] = None,

@@ -7,9 +7,9 @@
 // What the CUDA implementation takes today (fused_resnet/ops/conv_compiled.py offers it only these calls;
 // any other is rejected here with a message, never computed differently): fp16 or bf16 x and weight, groups 1,
 // C % 8 == 0 and K % 8 == 0, and
-//   conv_fwd    either the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, or the
-//               eval epilogue bias (+ residual) + ReLU without a prologue;
-//   conv_wgrad  the BN-apply + ReLU prologue, recomputed;
+//   conv_fwd    the BN-apply + ReLU prologue (mean given, relu_in) without an eval epilogue, no prologue and
+//               no epilogue, or the eval epilogue bias (+ residual) + ReLU without a prologue;
+//   conv_wgrad  the BN-apply + ReLU prologue, recomputed, or none;
 //   conv_dgrad  dilation 1 (CUTLASS's strided dgrad takes no dilation);
 //   conv_dgrad_bn  stride 1 and dilation 1 (CUTLASS's unit-stride dgrad, the tile epilogue needs its
 //               consecutive rows).
@@ -137,12 +137,15 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   check_conv_fwd_args(x, weight, mean, invstd, bn_weight, bn_bias, bias, residual, stride, padding, dilation,
                       groups);
   TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_fwd: x must be a CUDA tensor here, got one on ", x.device());
-  // The two instantiated variants: the training prologue, or the eval epilogue with its ReLU.
+  // The three instantiated variants: the training prologue, a plain convolution (both with the statistics
+  // epilogue), or the eval epilogue with its ReLU.
   const bool bn_relu_prologue = present(mean) && relu_in && !present(bias) && !present(residual) && !relu_out;
+  const bool plain = !present(mean) && !present(bias) && !present(residual) && !relu_out;
   const bool eval_epilogue = !present(mean) && present(bias) && relu_out;
-  TORCH_CHECK(is_conv_dtype(x.scalar_type()) && groups == 1 && (bn_relu_prologue || eval_epilogue),
+  TORCH_CHECK(is_conv_dtype(x.scalar_type()) && groups == 1 && (bn_relu_prologue || plain || eval_epilogue),
               "fused_resnet: conv_fwd (CUDA, CUTLASS) takes fp16 or bf16, groups 1, and either the BN + ReLU prologue "
-              "without an eval epilogue or bias (+ residual) + ReLU without a prologue; got ", x.scalar_type(),
+              "without an eval epilogue, no prologue and no epilogue, or bias (+ residual) + ReLU without a "
+              "prologue; got ", x.scalar_type(),
               ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in, ", bias ", present(bias),
               ", residual ", present(residual), ", relu_out ", relu_out,
               " (fused_resnet.dispatch sends other calls to another implementation)");
@@ -160,44 +163,54 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
   const at::ScalarType dtype = x.scalar_type();
+  const char* const shape_message =
+      "fused_resnet: conv_fwd (CUTLASS) does not take this shape (it needs C % 8 == 0 and K % 8 == 0): input ";
   at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble)), tile_stats;
+  // The prologue and plain kernels compute the statistics in their epilogue: one (count, mean, m2) per row
+  // tile and channel, merged below (one row tile: the result itself).
+  const int64_t row_tiles = (int64_t(s.N) * s.P * s.Q + cuda_conv::kFpropTileRows - 1) / cuda_conv::kFpropTileRows;
+  if (stats && !eval_epilogue) {
+    s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
+    tile_stats = row_tiles > 1 ? at::empty({row_tiles, 3, s.K}, y.options().dtype(at::kDouble)) : s_out;
+  }
+  double* const tile_stats_ptr = tile_stats.defined() ? tile_stats.data_ptr<double>() : nullptr;
   if (bn_relu_prologue) {
     TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bn_relu_supports<decltype(t)::value>(s); }),
-                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+                shape_message, x.sizes(), ", weight ", weight.sizes());
     const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
-    // Statistics in the epilogue: one (count, mean, m2) per row tile and channel, merged below.
-    const int64_t row_tiles = (int64_t(s.N) * s.P * s.Q + cuda_conv::kFpropTileRows - 1) / cuda_conv::kFpropTileRows;
-    if (stats) {
-      s_out = at::empty({3, s.K}, y.options().dtype(at::kDouble));
-      tile_stats = row_tiles > 1 ? at::empty({row_tiles, 3, s.K}, y.options().dtype(at::kDouble)) : s_out;
-    }
     err = with_conv_dtype(dtype, [&](auto t) {
       return cuda_conv::fprop_bn_relu<decltype(t)::value>(
           s, xc.const_data_ptr(), wc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
-          v.alpha.const_data_ptr<float>(), y.data_ptr(), stats ? tile_stats.data_ptr<double>() : nullptr, stream);
+          v.alpha.const_data_ptr<float>(), y.data_ptr(), tile_stats_ptr, stream);
     });
-    if (err == cudaSuccess && stats && row_tiles > 1) {
-      err = cuda_bn::launch_merge_stats_partials(tile_stats.const_data_ptr<double>(), row_tiles, s.K,
-                                                 s_out.data_ptr<double>(), stream);
-    }
+  } else if (plain) {
+    TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_stats_supports<decltype(t)::value>(s); }),
+                shape_message, x.sizes(), ", weight ", weight.sizes());
+    err = with_conv_dtype(dtype, [&](auto t) {
+      return cuda_conv::fprop_stats<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(), y.data_ptr(),
+                                                        tile_stats_ptr, stream);
+    });
   } else {
-    TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bias_residual_relu_supports<decltype(t)::value>(s); }),
-                "fused_resnet: conv_fwd (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-                "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+    TORCH_CHECK(
+        with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bias_residual_relu_supports<decltype(t)::value>(s); }),
+        shape_message, x.sizes(), ", weight ", weight.sizes());
     if (present(residual)) check_like(*residual, y, "residual");
     // The broadcast epilogue always reads a residual: zeros stand in for an absent one (an extra read of y's size).
     const at::Tensor r = present(residual) ? channels_last_aligned(*residual) : at::zeros_like(y);
     const at::Tensor b = bias->to(at::kFloat).contiguous();
     err = with_conv_dtype(dtype, [&](auto t) {
-      return cuda_conv::fprop_bias_residual_relu<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(),
-                                                          b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(),
-                                                          stream);
+      return cuda_conv::fprop_bias_residual_relu<decltype(t)::value>(
+          s, xc.const_data_ptr(), wc.const_data_ptr(), b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(),
+          stream);
     });
+  }
+  if (err == cudaSuccess && tile_stats.defined() && row_tiles > 1) {
+    err = cuda_bn::launch_merge_stats_partials(tile_stats.const_data_ptr<double>(), row_tiles, s.K,
+                                               s_out.data_ptr<double>(), stream);
   }
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_fwd failed: ", cudaGetErrorString(err));
 
-  if (stats && !bn_relu_prologue) {  // the eval-epilogue kernel has no statistics epilogue: bn_stats on y
+  if (stats && eval_epilogue) {  // the eval-epilogue kernel has no statistics epilogue: bn_stats on y
     const Layout l = layout_of(y);
     const auto dt = dtype == at::kBFloat16 ? cuda_bn::DType::kBFloat16 : cuda_bn::DType::kHalf;
     const int64_t P = cuda_bn::stats_num_partials(l, dt);
@@ -228,10 +241,11 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   check_conv_wgrad_args(grad_out, x, weight_size, mean, invstd, bn_weight, bn_bias, stride, padding, dilation,
                         groups);
   TORCH_CHECK(x.is_cuda(), "fused_resnet: conv_wgrad: x must be a CUDA tensor here, got one on ", x.device());
+  const bool prologue = present(mean);
   TORCH_CHECK(is_conv_dtype(x.scalar_type()) && grad_out.scalar_type() == x.scalar_type() && groups == 1 &&
-                  present(mean) && relu_in,
+                  (!prologue || relu_in),
               "fused_resnet: conv_wgrad (CUDA, CUTLASS) takes fp16 or bf16 (grad_out and x alike), groups 1 and the "
-              "BN + ReLU prologue; got ", grad_out.scalar_type(), " / ",
+              "BN + ReLU prologue or none; got ", grad_out.scalar_type(), " / ",
               x.scalar_type(), ", groups ", groups, ", prologue ", present(mean), ", relu_in ", relu_in,
               " (fused_resnet.dispatch sends other calls to another implementation)");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -244,22 +258,38 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
   if (s.K == 0 || s.C == 0) return dw.to(x.scalar_type()).contiguous(format);
   const int split_k = wgrad_split_k(s);
   const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::wgrad_bn_relu_supports<decltype(t)::value>(s, split_k); }),
+  TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) {
+                constexpr ConvDType T = decltype(t)::value;
+                return prologue ? cuda_conv::wgrad_bn_relu_supports<T>(s, split_k)
+                                : cuda_conv::wgrad_supports<T>(s, split_k);
+              }),
               "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
               "K % 8 == 0): input ", x.sizes(), ", weight ", weight_size);
-  const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
   const at::Tensor xc = channels_last_aligned(x), dyc = channels_last_aligned(grad_out);
-  const size_t workspace_bytes =
-      with_conv_dtype(dtype, [&](auto t) { return cuda_conv::wgrad_bn_relu_workspace_size<decltype(t)::value>(s, split_k); });
+  const size_t workspace_bytes = with_conv_dtype(dtype, [&](auto t) {
+    constexpr ConvDType T = decltype(t)::value;
+    return prologue ? cuda_conv::wgrad_bn_relu_workspace_size<T>(s, split_k)
+                    : cuda_conv::wgrad_workspace_size<T>(s, split_k);
+  });
   at::Tensor workspace = workspace_bytes > 0
                              ? at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte))
                              : at::Tensor();
-  const cudaError_t err = with_conv_dtype(dtype, [&](auto t) {
-    return cuda_conv::wgrad_bn_relu<decltype(t)::value>(
-        s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
-        v.alpha.const_data_ptr<float>(), dw.data_ptr<float>(), workspace.defined() ? workspace.data_ptr() : nullptr,
-        c10::cuda::getCurrentCUDAStream().stream());
-  });
+  void* const ws = workspace.defined() ? workspace.data_ptr() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  if (prologue) {
+    const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
+    err = with_conv_dtype(dtype, [&](auto t) {
+      return cuda_conv::wgrad_bn_relu<decltype(t)::value>(
+          s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(), v.scale.const_data_ptr(), v.shift.const_data_ptr(),
+          v.alpha.const_data_ptr<float>(), dw.data_ptr<float>(), ws, stream);
+    });
+  } else {
+    err = with_conv_dtype(dtype, [&](auto t) {
+      return cuda_conv::wgrad<decltype(t)::value>(s, split_k, dyc.const_data_ptr(), xc.const_data_ptr(),
+                                                  dw.data_ptr<float>(), ws, stream);
+    });
+  }
   TORCH_CHECK(err == cudaSuccess, "fused_resnet: CUTLASS conv_wgrad failed: ", cudaGetErrorString(err));
   return dw.to(x.scalar_type()).contiguous(format);
 }

@@ -73,6 +73,17 @@ cudaError_t fprop_bn_relu(const ConvShape& s, const void* x, const void* w, cons
                           const float* alpha, void* y, double* tile_stats, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
+// fprop without a prologue: y = conv2d(x, w), 16-bit x / w / y, fp32 accumulation, one rounding; tile_stats as
+// for fprop_bn_relu (nullptr: none). Takes: C % 8 == 0 and K % 8 == 0, groups 1, any stride, padding,
+// dilation (R, S <= 32).
+
+template <ConvDType T>
+bool fprop_stats_supports(const ConvShape& s);
+template <ConvDType T>
+cudaError_t fprop_stats(const ConvShape& s, const void* x, const void* w, void* y, double* tile_stats,
+                        cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------
 // fprop with the eval epilogue (a BatchNorm folded into w and bias, no prologue):
 // y = relu(conv2d(x, w) + bias[k] + residual). 16-bit x / w / residual / y, fp32 bias [K], fp32 accumulation
 // and epilogue arithmetic, one rounding to the element type. CUTLASS's fprop with a broadcast epilogue
@@ -107,6 +118,17 @@ size_t wgrad_bn_relu_workspace_size(const ConvShape& s, int split_k_slices);
 template <ConvDType T>
 cudaError_t wgrad_bn_relu(const ConvShape& s, int split_k_slices, const void* dy, const void* x, const void* scale,
                           const void* shift, const float* alpha, float* dw, void* workspace, cudaStream_t stream);
+
+// wgrad without a prologue: the weight gradient of conv2d(x, w), as wgrad_bn_relu without the transform
+// (same split-K rule, workspace and takes).
+
+template <ConvDType T>
+bool wgrad_supports(const ConvShape& s, int split_k_slices);
+template <ConvDType T>
+size_t wgrad_workspace_size(const ConvShape& s, int split_k_slices);
+template <ConvDType T>
+cudaError_t wgrad(const ConvShape& s, int split_k_slices, const void* dy, const void* x, float* dw, void* workspace,
+                  cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------
 // dgrad: dx[n, h, w, c] = sum over (k, r, s) of dy[n, p, q, k] * w[k, r, s, c] over the (p, q, r, s) with
