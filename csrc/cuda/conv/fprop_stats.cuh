@@ -1,7 +1,7 @@
 // fprop without a prologue (conv_launch.h): y = conv2d(x, w), 16-bit NHWC x, KRSC w, NPQK y, fp32
 // accumulation, and (when asked) y's per-tile statistics in the epilogue (tile_epilogue.cuh, as the prologue
-// fprop). The ResNet convolutions whose input is a stored tensor: the stem's successors' first convolution of
-// each block and the downsample convolutions. CUTLASS 2.x ImplicitGemmConvolution (default_conv2d_fprop.h),
+// fprop). For the ResNet convolutions whose input is a stored tensor, not a BatchNorm to fuse: the first
+// convolution of each block (its input is the previous block's output) and the downsample convolutions. CUTLASS 2.x ImplicitGemmConvolution (default_conv2d_fprop.h),
 // tiles 128 x 128 x 32, warps 64 x 64 x 32, mma.sync m16n8k16, 3 stages, kOptimized iterators, any stride.
 #pragma once
 
