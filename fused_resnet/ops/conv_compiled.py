@@ -142,11 +142,8 @@ def conv_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, inv
             grad_out, weight, x, mean, stride, dilation, groups)):
         dx = conv_dgrad(grad_out, weight, x.shape, stride, padding, dilation, groups, x.dtype, memory_format)
         sums = bn.bn_backward_reduce(dx, x, mean, invstd, bn_weight, bn_bias, None, relu)
-        if relu:
-            scale = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
-            z = (x.to(mean.dtype) - mean[:, None, None]) * scale[:, None, None]
-            if bn_bias is not None:
-                z = z + bn_bias.to(mean.dtype)[:, None, None]
+        if relu:  # the prologue's z recomputed as the reference does (bn_math.h's bn_affine)
+            z = reference._bn_affine(x.to(mean.dtype), mean, *reference._scale_bias(invstd, bn_weight, bn_bias))
             dx = torch.where(z > 0, dx, torch.zeros((), dtype=dx.dtype, device=dx.device))
         return dx.contiguous(memory_format=memory_format), sums
     dz, sums = torch.ops.fused_resnet_C.conv_dgrad_bn(grad_out.to(x.dtype), weight.to(x.dtype), x, mean, invstd,

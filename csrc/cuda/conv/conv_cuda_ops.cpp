@@ -360,8 +360,7 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_bn_cuda(const at::Tensor& grad_out
   const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight),
                    xc = channels_last_aligned(x);
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
-  const at::Tensor bw = present(bn_weight) ? bn_weight->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bb = present(bn_bias) ? bn_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bw = channel_param(bn_weight, at::kFloat), bb = channel_param(bn_bias, at::kFloat);
   const int64_t row_tiles =
       (int64_t(s.N) * s.H * s.W + cuda_conv::kDgradBnTileRows - 1) / cuda_conv::kDgradBnTileRows;
   at::Tensor partials = row_tiles > 1 ? at::empty({row_tiles, 2, s.C}, sums.options()) : sums;
