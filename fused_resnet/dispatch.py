@@ -29,6 +29,8 @@ Nothing else in the package maps an op to a function.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import importlib
 import os
@@ -150,6 +152,31 @@ def set_conv_impl(name: Optional[str]) -> None:
     _conv_override = None if name in (None, "auto") else name
 
 
+# What conv_setting takes: an implementation forced, "auto" (dispatch's measured choice as it stands:
+# CUDA_CONV_AUTO decides whether the compiled "cuda" convolutions are among its candidates) or "auto+cuda" (the
+# measured choice with them among the candidates: how the benchmarks measure the per-shape selection before
+# CUDA_CONV_AUTO is turned on).
+CONV_SETTINGS = ("auto", "auto+cuda", *CONV_IMPLS)
+
+
+@contextlib.contextmanager
+def conv_setting(name: str):
+    """Run the block with convolution setting ``name`` (CONV_SETTINGS), then restore what was set before:
+    lets one process measure several settings side by side (fused-resnet bench's ``fused-<backend>:conv=...``
+    variants, interleaved step by step). Per-shape choices measured under "auto" and "auto+cuda" are cached
+    apart (their candidates differ)."""
+    global _conv_override, CUDA_CONV_AUTO
+    if name not in CONV_SETTINGS:
+        raise ValueError(f"unknown convolution setting {name!r}; choose from {', '.join(CONV_SETTINGS)}")
+    saved = _conv_override, CUDA_CONV_AUTO
+    _conv_override = None if name.startswith("auto") else name
+    CUDA_CONV_AUTO = CUDA_CONV_AUTO or name == "auto+cuda"
+    try:
+        yield
+    finally:
+        _conv_override, CUDA_CONV_AUTO = saved
+
+
 def conv_choices() -> dict:
     """The per-shape choices measured so far: {shape key: implementation} (for benchmarks and reports)."""
     return dict(_conv_cache)
@@ -181,6 +208,23 @@ def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride,
     return out
 
 
+_conv_records: list = []
+
+
+@contextlib.contextmanager
+def recording_conv_choices():
+    """A Counter, {implementation: calls}, of the convolution choices made while the block runs (in every
+    thread; under torch.compile the choices made while tracing): what a benchmark reports as having run.
+    "cuda" counts the calls sent to the compiled convolutions, which run ATen where CUTLASS does not take
+    the call (ops/conv_compiled.cutlass_takes)."""
+    counts: collections.Counter = collections.Counter()
+    _conv_records.append(counts)
+    try:
+        yield counts
+    finally:
+        _conv_records.remove(counts)
+
+
 def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
                 prologue: bool, kind: str, measure: Optional[Callable[[str], float]] = None) -> str:
     """The convolution implementation for one convolution, among ``conv_candidates``.
@@ -189,6 +233,14 @@ def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
     backend), Triton; otherwise the faster candidate by ``measure(impl) -> seconds``, measured once per shape
     key and cached. Without a way to measure (``measure`` None: under torch.compile, for fake tensors) a
     cached choice or the heuristic."""
+    choice = _conv_choice(backend, x, weight, stride, padding, dilation, groups, prologue, kind, measure)
+    for counts in _conv_records:
+        counts[choice] += 1
+    return choice
+
+
+def _conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
+                 prologue: bool, kind: str, measure: Optional[Callable[[str], float]]) -> str:
     candidates = conv_candidates(backend, x, weight, stride, padding, dilation, groups)
     if _conv_override is not None:
         return _conv_override if _conv_override in candidates else "aten"
@@ -198,7 +250,7 @@ def conv_choice(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
         return candidates[0]
     if "triton" in candidates and x.device.type != "cuda":
         return "triton"
-    key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind)
+    key = conv_key(x, weight, stride, padding, dilation, groups, prologue, kind) + (candidates,)
     choice = _conv_cache.get(key)
     if choice is not None:
         return choice

@@ -19,8 +19,11 @@
 #   bn       BatchNorm microbenchmarks (module forward/backward per backend)          <=  30 s
 #   e2e      fused-resnet bench: ResNet-50 training + inference, eager vs fused       <=  90 s
 #   compile  fused-resnet bench with torch.compile variants (not in the default list: compiling takes minutes)
-#   e2e-cutlass  the e2e step with every convolution on the CUTLASS path (FUSED_RESNET_CONV=cuda; calls it
-#            does not take run ATen), eager beside it (not in the default list)        <=  90 s
+#   e2e-conv the e2e step per convolution implementation, interleaved in one run: eager, the triton backend
+#            with its convolutions on cuDNN + fused BN (conv=aten), Triton (conv=triton), CUTLASS (conv=cuda;
+#            calls it does not take run ATen, counted in the output) and the measured per-shape selection
+#            among all three (conv=auto+cuda), and the cuda backend on CUTLASS (not in the default list;
+#            E2E_CONV_VARIANTS to change the list, e.g. add compile,fused-compile)      <= 150 s
 #   summary  the tables of the steps that ran
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,9 +92,9 @@ for step in "${steps[@]}"; do
     e2e)
       run_step e2e 90 "$PY" -m fused_resnet bench --variants "${E2E_VARIANTS:-eager,fused-triton}" --out "$OUT/e2e" --quiet
       ;;
-    e2e-cutlass)
-      FUSED_RESNET_CONV=cuda run_step e2e-cutlass 90 "$PY" -m fused_resnet bench --variants eager,fused-triton \
-        --out "$OUT/e2e-cutlass" --quiet
+    e2e-conv)
+      run_step e2e-conv 150 "$PY" -m fused_resnet bench --variants "${E2E_CONV_VARIANTS:-eager,fused-triton:conv=aten,fused-triton:conv=triton,fused-triton:conv=cuda,fused-triton:conv=auto+cuda,fused-cuda:conv=cuda}" \
+        --out "$OUT/e2e-conv" --quiet
       ;;
     compile)
       run_step compile 300 "$PY" -m fused_resnet bench --variants eager,compile,fused-triton,fused-compile --out "$OUT/compile" --quiet
@@ -103,10 +106,11 @@ for step in "${steps[@]}"; do
       [[ -f "$OUT/conv.log" ]] && { echo "== convolutions (us / TFLOP/s)"; grep -E "^\|" "$OUT/conv.log"; }
       [[ -f "$OUT/bn.log" ]] && { echo "== BatchNorm"; grep -E "^\|" "$OUT/bn.log" | head -40; }
       [[ -f "$OUT/e2e.log" ]] && { echo "== end to end"; grep -E "^\|" "$OUT/e2e.log"; }
-      [[ -f "$OUT/e2e-cutlass.log" ]] && { echo "== end to end, FUSED_RESNET_CONV=cuda"; grep -E "^\|" "$OUT/e2e-cutlass.log"; }
+      [[ -f "$OUT/e2e-conv.log" ]] && { echo "== end to end, per convolution implementation"
+                                        grep -E "^\||^convolution implementation" "$OUT/e2e-conv.log"; }
       ;;
     *)
-      echo "unknown step $step (build warmup test conv bn e2e e2e-cutlass compile summary)"; exit 2
+      echo "unknown step $step (build warmup test conv bn e2e e2e-conv compile summary)"; exit 2
       ;;
   esac
 done

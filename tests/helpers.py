@@ -47,3 +47,16 @@ def random_affine(*modules, c: int) -> None:
 
 def grads(*tensors):
     return [None if t is None else t.grad for t in tensors]
+
+
+class StandInCudaTensor:
+    """What dispatch.conv_choice reads of an input (device, dtype, shape, layout), on CUDA: lets its choice
+    logic be tested without a GPU."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, dtype=torch.float32, shape=(2, 16, 8, 8)):
+        self.dtype, self.shape = dtype, shape
+
+    def is_contiguous(self, memory_format=None):
+        return True

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from fused_resnet import dispatch
 from fused_resnet.cli import main
 from fused_resnet.models import torchvision_reference
 from test_measurement import assert_tables_well_formed
@@ -248,8 +249,31 @@ def test_check_reports_a_wrong_backend(tmp_path, capsys, monkeypatch):
 # User errors: one line on stderr, exit code 2, no traceback, nothing written
 
 
+def test_bench_measures_convolution_settings_side_by_side(tmp_path, capsys):
+    """fused-<backend>:conv=<setting>: each convolution implementation (and the measured selection) as its
+    own variant of one interleaved run, each with its own parity check, and what ran counted per call."""
+    rc = main(["bench", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1",
+               "--warmup", "0", "--no-inference", "--variants", "eager,fused-cpu:conv=aten,fused-cpu:conv=gemm",
+               "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = _doc(tmp_path / "bench.json", "bench")
+    by = {r["variant"]: r for r in doc["results"]}
+    assert by["eager"]["conv"] is None and not by["eager"]["conv_calls"]
+    # ResNet-18 has 20 convolutions; forced "gemm" runs where conv_gemm applies (the small maps), ATen elsewhere.
+    assert by["fused-cpu:conv=aten"]["conv_calls"] == {"aten": 20}
+    gemm = by["fused-cpu:conv=gemm"]["conv_calls"]
+    assert sum(gemm.values()) == 20 and gemm.get("gemm", 0) > 0
+    assert [(p["backend"], p["conv"]) for p in doc["parity"]] == [("cpu", "aten"), ("cpu", "gemm")]
+    assert all(p["ok"] for p in doc["parity"])
+    assert "fused[cpu:conv=gemm]" in out and "fused-cpu:conv=aten: aten 20" in out
+    assert dispatch._conv_override is None, "the settings hold during their own variant's steps only"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--arch", "resnet9000"], "invalid choice: 'resnet9000'"),
+    (["bench", "--variants", "eager,fused-cpu:conv=winograd"], "unknown variant(s) fused-cpu:conv=winograd"),
+    (["bench", "--variants", "eager:conv=aten"], "applies to the fused variants only"),
     (["bench", "--batch", "0"], "must be >= 1"),
     (["bench", "--batch", "two"], "expected a positive integer"),
     (["bench", "--batch", "1"], "--batch must be >= 2"),

@@ -17,7 +17,7 @@ from conftest import HAS_CUDA, skip_unsupported
 from fused_resnet import dispatch
 from fused_resnet.kernels import conv_configs
 from fused_resnet.ops.conv import batch_norm_act_conv2d_stats, conv2d_bias_act, conv2d_stats
-from helpers import assert_2x_eager
+from helpers import StandInCudaTensor, assert_2x_eager
 
 # name: (N, C, H, W, K, R, S, stride, padding, dilation, groups)
 CASES = {
@@ -200,33 +200,25 @@ def test_selection_is_cached_per_shape_and_overridable(monkeypatch):
     monkeypatch.setattr(dispatch, "supports_conv", lambda impl, x, w: True)
     monkeypatch.setattr(dispatch, "_conv_cache", {})
 
-    class OnCuda:  # stands in for a CUDA tensor (only what the choice reads)
-        device = torch.device("cuda")
-        dtype = torch.float32
-        shape = (2, 16, 8, 8)
-
-        def is_contiguous(self, memory_format=None):
-            return True
-
     def measure(impl):
         calls.append(impl)
         return {"triton": 2.0, "aten": 1.0}[impl]
 
     args = ([1, 1], [1, 1], [1, 1], 1, True, "t")
-    assert dispatch.conv_choice("triton", OnCuda(), w, *args, measure) == "aten"
-    assert dispatch.conv_choice("triton", OnCuda(), w, *args, measure) == "aten"
+    assert dispatch.conv_choice("triton", StandInCudaTensor(), w, *args, measure) == "aten"
+    assert dispatch.conv_choice("triton", StandInCudaTensor(), w, *args, measure) == "aten"
     assert calls == ["triton", "aten"], "measured once per shape"
     assert list(dispatch.conv_choices().values()) == ["aten"]
     dispatch.set_conv_impl("triton")
     try:
-        assert dispatch.conv_choice("triton", OnCuda(), w, *args, measure) == "triton"
+        assert dispatch.conv_choice("triton", StandInCudaTensor(), w, *args, measure) == "triton"
     finally:
         dispatch.set_conv_impl(None)
-    assert dispatch.conv_choice("cpu", OnCuda(), w, *args, measure) == "aten"
+    assert dispatch.conv_choice("cpu", StandInCudaTensor(), w, *args, measure) == "aten"
     monkeypatch.setattr(dispatch, "_conv_cache", {})
-    assert dispatch.conv_choice("triton", OnCuda(), w, *args, None) == "triton"  # heuristic: wide enough
+    assert dispatch.conv_choice("triton", StandInCudaTensor(), w, *args, None) == "triton"  # heuristic: wide enough
     stem = torch.empty(64, 3, 7, 7)
-    assert dispatch.conv_choice("triton", OnCuda(), stem, *args, None) == "aten"  # 3 input channels
+    assert dispatch.conv_choice("triton", StandInCudaTensor(), stem, *args, None) == "aten"  # 3 input channels
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fused_resnet import backends, dispatch
 from fused_resnet.ops import conv_compiled
-from helpers import assert_2x_eager
+from helpers import StandInCudaTensor, assert_2x_eager
 
 pytestmark = pytest.mark.skipif(not backends.extension_loaded(), reason="needs the compiled extension")
 
@@ -231,6 +231,47 @@ def test_opcheck_dgrad(case):
     grad = _residual(t, case, torch.float32, torch.channels_last)
     torch.library.opcheck(torch.ops.fused_resnet_C.conv_dgrad.default,
                           (grad, t["w"], list(t["x"].shape), [stride] * 2, [padding] * 2, [dilation] * 2, groups))
+
+
+def test_conv_setting_measures_cuda_beside_the_others_and_restores(monkeypatch):
+    """dispatch.conv_setting (the benchmarks' per-variant convolution setting): "auto+cuda" puts the compiled
+    convolutions among the measured candidates, "auto" leaves them out (CUDA_CONV_AUTO off), a forced one
+    wins; the two selections are cached apart; what was set before comes back, also after an exception;
+    recording_conv_choices counts what was chosen."""
+    monkeypatch.setattr(dispatch, "supports_conv", lambda impl, x, w: True)
+    monkeypatch.setattr(dispatch, "_conv_cache", {})
+    monkeypatch.setattr(dispatch, "_conv_override", None)
+
+    measured = []
+
+    def measure(impl):
+        measured.append(impl)
+        return {"triton": 2.0, "aten": 3.0, "cuda": 1.0}[impl]
+
+    w = torch.empty(32, 16, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1], 1, True, "t")
+    with dispatch.recording_conv_choices() as counts:
+        with dispatch.conv_setting("auto+cuda"):
+            assert dispatch.CUDA_CONV_AUTO
+            assert dispatch.conv_choice("triton", StandInCudaTensor(torch.float16), w, *args, measure) == "cuda"
+        assert not dispatch.CUDA_CONV_AUTO
+        assert sorted(measured) == ["aten", "cuda", "triton"]
+        with dispatch.conv_setting("auto"):  # its own measurement: a cached "cuda" would be wrong here
+            assert dispatch.conv_choice("triton", StandInCudaTensor(torch.float16), w, *args, measure) == "triton"
+        assert len(measured) == 5 and len(dispatch.conv_choices()) == 2
+        with dispatch.conv_setting("aten"):
+            assert dispatch.conv_choice("triton", StandInCudaTensor(torch.float16), w, *args, measure) == "aten"
+    assert counts == {"cuda": 1, "triton": 1, "aten": 1}
+    dispatch.set_conv_impl("triton")
+    try:
+        with pytest.raises(RuntimeError), dispatch.conv_setting("cuda"):
+            assert dispatch._conv_override == "cuda"
+            raise RuntimeError("inside")
+        assert dispatch._conv_override == "triton" and not dispatch.CUDA_CONV_AUTO
+    finally:
+        dispatch.set_conv_impl(None)
+    with pytest.raises(ValueError, match="unknown convolution setting"), dispatch.conv_setting("cutlass"):
+        pass
 
 
 @pytest.mark.parametrize("args, takes", [

@@ -6,6 +6,11 @@ Variants:
   fused            fused_resnet's model, backend chosen automatically for the device
   fused-<backend>  fused_resnet's model on one backend (triton, cuda, cpu, eager)
   fused-compile    torch.compile of the fused model (automatic backend)
+A fused variant may name its convolution setting, ``<variant>:conv=<setting>`` (dispatch.CONV_SETTINGS: an
+implementation forced, triton / cuda / aten / gemm, or the measured per-shape selection, auto, or auto+cuda
+with the compiled CUTLASS convolutions among its candidates), e.g. fused-triton:conv=cuda beside
+fused-triton:conv=triton and fused-triton:conv=auto+cuda: each implementation and the selection in one run.
+The setting holds during that variant's own steps only (dispatch.conv_setting).
 
 Training step = forward + backward + SGD (momentum 0.9) on synthetic data under autocast; inference = eval
 mode under torch.inference_mode. The variants run interleaved, one step of each per round, so that the rounds
@@ -18,6 +23,7 @@ AOTAutograd decides, outside the hooks' view).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import backends
+from .. import backends, dispatch
 from ..models import BUILDERS, torchvision_reference
 from .memory import saved_activation_bytes
 from .report import dtype_name, triton_interpreted
@@ -64,8 +70,35 @@ def default_variants(device: torch.device) -> list[str]:
     return ["eager", "fused"]
 
 
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """(base variant, convolution setting or None) of ``<base>[:conv=<setting>]``; a ValueError for a
+    malformed name, an unknown setting or a setting on a variant without fused convolutions."""
+    base, sep, rest = variant.partition(":")
+    if not sep:
+        return variant, None
+    if not rest.startswith("conv=") or rest[len("conv="):] not in dispatch.CONV_SETTINGS:
+        raise ValueError(f"variant {variant!r}: after ':' expected conv=<setting>, setting one of "
+                         f"{', '.join(dispatch.CONV_SETTINGS)}")
+    if base in ("eager", "compile"):
+        raise ValueError(f"variant {variant!r}: a convolution setting applies to the fused variants only")
+    return base, rest[len("conv="):]
+
+
+def check_variant(variant: str, device: torch.device) -> None:
+    """A ValueError unless ``variant`` names a variant (with or without a convolution setting)."""
+    base, _ = split_variant(variant)
+    if base not in all_variants(device):
+        raise ValueError(f"unknown variant {base!r}")
+
+
+def conv_context(conv: str | None):
+    """The context a variant's steps run in: its convolution setting, or none."""
+    return dispatch.conv_setting(conv) if conv is not None else contextlib.nullcontext()
+
+
 def variant_backend(variant: str, device: torch.device) -> str | None:
     """The fused backend a variant runs on (None for the eager model); raises BackendUnavailableError."""
+    variant, _ = split_variant(variant)
     if variant in ("eager", "compile"):
         return None
     requested = variant[len("fused-"):] if variant.startswith("fused-") and variant != "fused-compile" else None
@@ -84,6 +117,7 @@ def build_eager(arch: str, num_classes: int) -> tuple[nn.Module, str]:
 def build(variant: str, cfg: E2EConfig, device: torch.device):
     """(model, the callable that runs it (compiled or not), where the model comes from, backend)."""
     backend = variant_backend(variant, device)
+    variant, _ = split_variant(variant)
     if backend is None:
         model, source = build_eager(cfg.arch, cfg.num_classes)
     else:
@@ -115,19 +149,25 @@ class _Variant:
     def __init__(self, variant: str, cfg: E2EConfig, device: torch.device):
         torch.manual_seed(0)
         self.variant, self.cfg, self.device = variant, cfg, device
+        self.conv = split_variant(variant)[1]
+        self.conv_calls: dict | None = None  # {implementation: calls} of its first training step
         self.model, self.runner, self.source, self.backend = build(variant, cfg, device)
         self.x, self.target = make_inputs(cfg, device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
     def train_step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        with autocast(self.cfg, self.device):
-            loss = nn.functional.cross_entropy(self.runner(self.x), self.target)
-        loss.backward()
+        record = dispatch.recording_conv_choices() if self.conv_calls is None else contextlib.nullcontext()
+        with conv_context(self.conv), record as counts:
+            with autocast(self.cfg, self.device):
+                loss = nn.functional.cross_entropy(self.runner(self.x), self.target)
+            loss.backward()
+        if self.conv_calls is None:
+            self.conv_calls = dict(sorted(counts.items()))
         self.opt.step()
 
     def inference_step(self) -> None:
-        with torch.inference_mode(), autocast(self.cfg, self.device):
+        with conv_context(self.conv), torch.inference_mode(), autocast(self.cfg, self.device):
             self.runner(self.x)
 
     def resident_bytes(self) -> int:
@@ -188,9 +228,9 @@ def measure_all(variants: list[str], cfg: E2EConfig, device: torch.device,
     saved = []
     for r in runs:
         value = math.nan
-        if not r.variant.endswith("compile"):
+        if not split_variant(r.variant)[0].endswith("compile"):
             r.opt.zero_grad(set_to_none=True)
-            with autocast(cfg, device):
+            with conv_context(r.conv), autocast(cfg, device):
                 value = saved_activation_bytes(r.model, lambda: r.model(r.x))
         saved.append(value)
     infer = [None] * len(runs)
@@ -203,7 +243,8 @@ def measure_all(variants: list[str], cfg: E2EConfig, device: torch.device,
     for i, r in enumerate(runs):
         t = summarize(train[i])
         f = summarize(infer[i]) if infer[i] else None
-        results.append(dict(variant=r.variant, backend=r.backend, model_source=r.source,
+        results.append(dict(variant=r.variant, backend=r.backend, conv=r.conv, conv_calls=r.conv_calls,
+                            model_source=r.source,
                             interpreted=r.backend == "triton" and triton_interpreted(), interleaved=True,
                             train_step_ms=t.scaled(1e3).to_dict(), train_img_per_s=cfg.batch / t.median,
                             infer_step_ms=f.scaled(1e3).to_dict() if f else None,
@@ -229,8 +270,9 @@ FLOOR = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 1e-2}
 GRAD_ALLOWANCE = {"fp32": 2e-2, "fp16": 1e-1, "bf16": 1e-1}
 
 
-def first_step_parity(cfg: E2EConfig, device: torch.device, backend: str) -> dict:
-    """One training step (forward + backward) of the fused model on ``backend`` and of the eager model, from
+def first_step_parity(cfg: E2EConfig, device: torch.device, backend: str, conv: str | None = None) -> dict:
+    """One training step (forward + backward) of the fused model on ``backend`` (convolution setting ``conv``:
+    dispatch.CONV_SETTINGS, None for the process's own) and of the eager model, from
     the same weights and batch, against a higher-precision eager reference (float64 on CPU or for fp32 runs;
     fp32 with TF32 off for autocast runs on CUDA).
 
@@ -254,10 +296,11 @@ def first_step_parity(cfg: E2EConfig, device: torch.device, backend: str) -> dic
         logits, losses = [], []
         for m, low_precision in ((reference, False), (eager, True), (fused, True)):
             inp = x.to(ref_dtype) if m is reference else x
-            with autocast(cfg, device) if low_precision else torch.autocast(device.type, enabled=False):
-                out = m(inp)
-                loss = nn.functional.cross_entropy(out, target)
-            loss.backward()
+            with conv_context(conv if m is fused else None):
+                with autocast(cfg, device) if low_precision else torch.autocast(device.type, enabled=False):
+                    out = m(inp)
+                    loss = nn.functional.cross_entropy(out, target)
+                loss.backward()
             logits.append(out.detach())
             losses.append(loss.detach())
     finally:
@@ -291,7 +334,7 @@ def first_step_parity(cfg: E2EConfig, device: torch.device, backend: str) -> dic
     grad_fused, grad_eager = (math.sqrt(sq[k] / max(sq["ref"], 1e-300)) for k in ("fused", "eager"))
     grad_bound = max(2 * grad_eager, GRAD_ALLOWANCE[cfg.dtype])
     grad_ok = math.isfinite(grad_fused) and grad_fused <= grad_bound
-    return dict(backend=backend, ok=bool(forward_ok and grad_ok), reference_dtype=dtype_name(ref_dtype),
+    return dict(backend=backend, conv=conv, ok=bool(forward_ok and grad_ok), reference_dtype=dtype_name(ref_dtype),
                 forward_ok=bool(forward_ok), forward_worst=worst["name"], forward_fused_err=worst["fused_err"],
                 forward_eager_err=worst["eager_err"], floor=floor, grad_ok=bool(grad_ok), grad_fused_err=grad_fused,
                 grad_eager_err=grad_eager, grad_bound=grad_bound)

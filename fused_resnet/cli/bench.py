@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from .. import backends
+from .. import backends, dispatch
 from ..benchmarking import e2e, stats
 from ..models import BUILDERS
 from . import plots
@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first; default 5 / 2")
     p.add_argument("--variants", default=None,
                    help="comma-separated from: eager, compile, fused, fused-<backend> (triton, cuda, cpu, eager), "
-                        "fused-compile; or 'all'. Default: every GPU backend on CUDA, eager,fused on CPU")
+                        "fused-compile; or 'all'. A fused variant may add :conv=<setting> (auto, auto+cuda, triton, "
+                        "cuda, aten, gemm: the convolutions forced, or the measured per-shape selection), e.g. "
+                        "fused-triton:conv=cuda. Default: every GPU backend on CUDA, eager,fused on CPU")
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--no-inference", action="store_true", help="time the training step only")
     p.add_argument("--no-parity", action="store_true", help="skip the first-step parity check")
@@ -74,10 +76,18 @@ def parse_variants(spec: str | None, device: torch.device) -> list[str]:
     if spec is None:
         return e2e.default_variants(device)
     names = e2e.all_variants(device) if spec.strip() == "all" else [v.strip() for v in spec.split(",") if v.strip()]
-    unknown = [v for v in names if v not in e2e.all_variants(device)]
+    unknown, reasons = [], []
+    for v in names:
+        try:
+            e2e.check_variant(v, device)
+        except ValueError as exc:
+            unknown.append(v)
+            reasons.append(str(exc))
     if unknown or not names:
-        raise CLIError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from "
-                       f"{', '.join(e2e.all_variants(device))} or 'all'")
+        raise CLIError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}"
+                       f"{' (' + '; '.join(reasons) + ')' if reasons else ''}; choose from "
+                       f"{', '.join(e2e.all_variants(device))} or 'all', a fused one optionally with "
+                       f":conv=<{'|'.join(dispatch.CONV_SETTINGS)}>")
     runnable = []
     for v in names:
         try:
@@ -100,11 +110,13 @@ def run(args) -> int:
             torch.backends.cudnn.benchmark = True
         parity = []
         if not args.no_parity:
-            fused_backends = sorted({b for v in variants if (b := e2e.variant_backend(v, device)) is not None})
-            with Progress(len(fused_backends), "parity", enabled=not args.quiet) as bar:
-                for b in fused_backends:
-                    parity.append(e2e.first_step_parity(cfg, device, b))
-                    bar.update(info=b)
+            # One check per (backend, convolution setting) among the fused variants.
+            fused = list(dict.fromkeys((b, e2e.split_variant(v)[1]) for v in variants
+                                       if (b := e2e.variant_backend(v, device)) is not None))
+            with Progress(len(fused), "parity", enabled=not args.quiet) as bar:
+                for b, conv in fused:
+                    parity.append(e2e.first_step_parity(cfg, device, b, conv))
+                    bar.update(info=b if conv is None else f"{b}:conv={conv}")
         with Progress(len(variants) * e2e.steps_per_variant(cfg), "bench", enabled=not args.quiet) as bar:
             bar.info = ", ".join(variants)
             results = e2e.measure_all(variants, cfg, device, on_step=bar.update)
@@ -117,7 +129,8 @@ def run(args) -> int:
         if any(r["interpreted"] for r in results):
             print(INTERPRETER_BANNER)
         for p in parity:
-            print(f"parity (one training step, fused[{p['backend']}] vs eager vs {p['reference_dtype']} reference): "
+            label = p["backend"] if p.get("conv") is None else f"{p['backend']}:conv={p['conv']}"
+            print(f"parity (one training step, fused[{label}] vs eager vs {p['reference_dtype']} reference): "
                   f"{'OK' if p['ok'] else 'FAILED'} | forward worst {p['forward_worst']} "
                   f"{p['forward_fused_err']:.1e} (eager {p['forward_eager_err']:.1e}) | gradients "
                   f"{p['grad_fused_err']:.1e} (eager {p['grad_eager_err']:.1e}, bound {p['grad_bound']:.1e})")
@@ -125,6 +138,11 @@ def run(args) -> int:
         print("step times: median (IQR as % of the median, min); img/s = batch / median step. The variants run "
               "interleaved, one step of each per round; speed-up: the median of the per-round step-time ratios "
               "(range: their quartiles)")
+        calls = [f"{r['variant']}: " + ", ".join(f"{impl} {n}" for impl, n in r["conv_calls"].items())
+                 for r in results if r.get("conv_calls")]
+        if calls:
+            print("convolution implementation per call of the first training step (cuda: sent to the compiled "
+                  "convolutions, ATen where CUTLASS does not take the call): " + "; ".join(calls))
         for line in noise_warnings(results, device):
             print(line)
         if busy := busy_machine_warning(device):
