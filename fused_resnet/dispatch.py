@@ -106,30 +106,36 @@ def conv_functions(impl: str, backend: str) -> SimpleNamespace:
     CUDA and their C++ twins on CPU tensors, "gemm", or "aten" with ``backend``'s BatchNorm kernels for its
     prologue and statistics); dgrad_bn (dgrad with the prologue BatchNorm's ReLU mask and
     backward reduction in its epilogue) and backward (dgrad and wgrad from one call) where the implementation
-    has them (None otherwise)."""
+    has them (None otherwise); dgrad_bn_takes(grad_out, weight, x, mean, stride, dilation, groups): whether
+    dgrad_bn computes that call in one kernel (else the caller runs dgrad, then the BatchNorm backward)."""
     if impl == "triton":
         fwd = importlib.import_module("fused_resnet.kernels.conv_fwd")
         bwd = importlib.import_module("fused_resnet.kernels.conv_bwd")
         return SimpleNamespace(fwd=fwd.conv_fwd, dgrad=bwd.conv_dgrad, wgrad=bwd.conv_wgrad,
-                               dgrad_bn=bwd.conv_dgrad_bn, backward=None)
+                               dgrad_bn=bwd.conv_dgrad_bn, dgrad_bn_takes=_takes_every_call, backward=None)
     if impl == "aten":
         ref = importlib.import_module("fused_resnet.reference")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(ref.conv_fwd, bn=bn), dgrad=ref.conv_dgrad,
-                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None,
+                               wgrad=functools.partial(ref.conv_wgrad, bn=bn), dgrad_bn=None, dgrad_bn_takes=None,
                                backward=functools.partial(ref.conv_backward, bn=bn))
     if impl == "cuda":
         compiled = importlib.import_module("fused_resnet.ops.conv_compiled")
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(compiled.conv_fwd, bn=bn), dgrad=compiled.conv_dgrad,
                                wgrad=functools.partial(compiled.conv_wgrad, bn=bn),
-                               dgrad_bn=functools.partial(compiled.conv_dgrad_bn, bn=bn), backward=None)
+                               dgrad_bn=functools.partial(compiled.conv_dgrad_bn, bn=bn),
+                               dgrad_bn_takes=compiled.dgrad_bn_takes, backward=None)
     if impl == "gemm":
         bn = _module(backend)
         return SimpleNamespace(fwd=functools.partial(conv_gemm.conv_fwd, bn=bn), dgrad=conv_gemm.conv_dgrad,
                                wgrad=functools.partial(conv_gemm.conv_wgrad, bn=bn), dgrad_bn=None,
-                               backward=functools.partial(conv_gemm.conv_backward, bn=bn))
+                               dgrad_bn_takes=None, backward=functools.partial(conv_gemm.conv_backward, bn=bn))
     raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
+
+
+def _takes_every_call(*args) -> bool:
+    return True
 
 
 def _env_conv_impl() -> Optional[str]:

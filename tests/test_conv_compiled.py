@@ -678,6 +678,41 @@ def test_opcheck_dgrad_bn(case):
                            [padding] * 2, [dilation] * 2, groups))
 
 
+@pytest.mark.parametrize("takes", [True, False], ids=["dgrad_bn", "dgrad_then_bn_backward"])
+def test_backward_uses_dgrad_bn_only_where_it_takes_the_call(monkeypatch, takes):
+    """The fused BN -> conv backward on the "cuda" implementation: conv_dgrad_bn where dgrad_bn_takes says it
+    computes the call in one kernel; elsewhere (CUTLASS's stride 2) dgrad, then the BatchNorm backward, which
+    applies the ReLU mask itself, instead of conv_dgrad_bn's fallback and its extra pass over dz. Both by the
+    2x-eager rule against float64 (the C++ twin stands in for CUTLASS here)."""
+    from fused_resnet.ops.conv import batch_norm_act_conv2d_stats
+    fns = dispatch.conv_functions("cuda", "cpu")
+    calls, real = [], fns.dgrad_bn
+    monkeypatch.setattr(fns, "dgrad_bn", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    monkeypatch.setattr(fns, "dgrad_bn_takes", lambda *a: takes)
+    monkeypatch.setattr(dispatch, "conv_candidates", lambda *a: ("aten", "cuda"))
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(2, 8, 7, 6, generator=g, dtype=torch.float64) * 2 + 0.5
+    w64 = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) * 0.2
+    bw64, bb64 = torch.rand(8, generator=g, dtype=torch.float64) + 0.5, torch.rand(8, generator=g, dtype=torch.float64) - 0.5
+    dy64 = torch.randn(2, 16, 7, 6, generator=g, dtype=torch.float64)
+    runs = {}
+    for name, dtype in (("fused", torch.float32), ("eager", torch.float32), ("ref", torch.float64)):
+        x, w, bw, bb = (t.to(dtype).requires_grad_() for t in (x64, w64, bw64, bb64))
+        x_in = x.contiguous(memory_format=torch.channels_last)
+        if name == "fused":
+            with dispatch.conv_setting("cuda"), dispatch.recording_conv_choices() as counts:
+                y, _ = batch_norm_act_conv2d_stats(x_in, None, None, bw, bb, True, 0.1, 1e-5, w, 1, 1, backend="cpu")
+                y.backward(dy64.to(dtype))
+            assert counts == {"cuda": 1}
+        else:
+            z = F.batch_norm(x_in, None, None, bw, bb, True, 0.1, 1e-5)
+            F.conv2d(torch.relu(z), w, None, 1, 1).backward(dy64.to(dtype))
+        runs[name] = dict(dx=x.grad, dw=w.grad, dbw=bw.grad, dbb=bb.grad)
+    assert len(calls) == (1 if takes else 0)
+    for k in runs["ref"]:
+        assert_2x_eager(k, runs["fused"][k], runs["eager"][k], runs["ref"][k], torch.float32)
+
+
 @pytest.mark.parametrize("args, takes", [
     (dict(), True),
     (dict(dtype=torch.bfloat16), True),

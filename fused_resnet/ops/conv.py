@@ -233,7 +233,8 @@ def _conv_stats_backward(ctx, grad_y, grad_stats):
                                       ctx.backend)
     elif need_w:
         grad_w = _wgrad(grad_y, x, weight, stride, padding, dilation, groups, prologue, ctx.impl, ctx.backend)
-    if need_a and grad_a is None and prologue is not None and fns.dgrad_bn is not None:
+    if (need_a and grad_a is None and prologue is not None and fns.dgrad_bn is not None
+            and fns.dgrad_bn_takes(grad_y, weight, x, mean, stride, dilation, groups)):
         # dgrad + ReLU mask + the BatchNorm's backward reduction in one kernel; the elementwise pass follows.
         dz, reduced = _dgrad_bn(grad_y, weight, x, prologue, stride, padding, dilation, groups, ctx.impl,
                                 ctx.backend)

@@ -27,7 +27,8 @@ fusion recomputes the prologue in registers, or the plain wgrad without one, det
 its C++ twin on CPU), and so is
 ``conv_dgrad`` (CUTLASS's strided dgrad) and ``conv_dgrad_bn`` (dgrad_bn: CUTLASS's unit-stride dgrad with
 the prologue BatchNorm's ReLU mask and backward reduction in its epilogue, stride 1; other calls dgrad, then
-the backend's bn_backward_reduce).
+the backend's bn_backward_reduce and the mask; the fused backward does not call it for those
+(``dgrad_bn_takes``) but runs dgrad and the BatchNorm backward, which masks as it goes).
 
 Status: the CUTLASS path compiles (scripts/check_cuda_compile.sh, sm_80 and sm_90) but has not run on a GPU:
 no parity or speed claim is made for it, and dispatch's automatic per-shape choice does not measure it
@@ -132,14 +133,21 @@ def cutlass_takes_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Te
             and cutlass_takes_dgrad(grad_out, weight, x.shape, dilation, groups))
 
 
+def dgrad_bn_takes(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, stride, dilation, groups: int) -> bool:
+    """Whether ``conv_dgrad_bn`` computes this call in one kernel (CUTLASS on CUDA, the C++ twin on CPU). Where
+    it does not, the caller does better with plain dgrad and the BatchNorm backward, which applies the ReLU
+    mask itself, than with conv_dgrad_bn's fallback (which has to return dz masked: an extra pass)."""
+    return x.device.type != "cuda" or (cutlass_built() and cutlass_takes_dgrad_bn(grad_out, weight, x, mean, stride,
+                                                                                dilation, groups))
+
+
 def conv_dgrad_bn(grad_out: Tensor, weight: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], relu: bool, stride, padding, dilation,
                   groups: int, memory_format=torch.channels_last, bn=None) -> tuple[Tensor, Tensor]:
     """(dz, (sum dz, sum dz * xhat)): the signature of kernels/conv_bwd.conv_dgrad_bn. CUTLASS's dgrad with the
     mask and the reduction in its epilogue where it takes the call; on other CUDA calls conv_dgrad followed by
     the backend's bn_backward_reduce and the mask; on CPU tensors the C++ twin."""
-    if grad_out.device.type == "cuda" and not (cutlass_built() and cutlass_takes_dgrad_bn(
-            grad_out, weight, x, mean, stride, dilation, groups)):
+    if not dgrad_bn_takes(grad_out, weight, x, mean, stride, dilation, groups):
         dx = conv_dgrad(grad_out, weight, x.shape, stride, padding, dilation, groups, x.dtype, memory_format)
         sums = bn.bn_backward_reduce(dx, x, mean, invstd, bn_weight, bn_bias, None, relu)
         if relu:  # the prologue's z recomputed as the reference does (bn_math.h's bn_affine)
@@ -189,5 +197,5 @@ if backends.extension_loaded():
     torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)
     torch.library.register_fake("fused_resnet_C::conv_dgrad_bn", _fake_conv_dgrad_bn)
 
-__all__ = ["conv_dgrad", "conv_dgrad_bn", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad",
+__all__ = ["conv_dgrad", "conv_dgrad_bn", "dgrad_bn_takes", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad",
            "cutlass_takes_dgrad_bn"]
