@@ -37,7 +37,12 @@ def acc_dtype_of(x: torch.Tensor) -> torch.dtype:
 
 
 def conv_output_size(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution, as torch.nn.functional.conv2d computes them."""
-    ho = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return ho, wo
+    """(Ho, Wo) of a convolution, as torch.nn.functional.conv2d computes them. Like conv2d, a RuntimeError
+    when the dilated filter is larger than the padded input (no output position: conv2d raises rather than
+    return an empty map, and so does every implementation here, since they all size their output with this)."""
+    padded = (h + 2 * padding[0], w + 2 * padding[1])
+    span = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({span[0]} x {span[1]}). Kernel size can't be greater than actual input size")
+    return (padded[0] - span[0]) // stride[0] + 1, (padded[1] - span[1]) // stride[1] + 1

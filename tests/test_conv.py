@@ -143,6 +143,34 @@ def test_aten_conv_path_matches_float64(case):
     _check(case, torch.float32, "cpu", torch.channels_last, True, "cpu", "aten")
 
 
+@pytest.mark.parametrize("impl", ["triton", "aten", "cuda", "gemm"])
+@pytest.mark.parametrize("geometry", [
+    dict(hw=(2, 2), r=3, stride=2, padding=0, dilation=1),   # C++'s truncating division would say 1 x 1
+    dict(hw=(4, 9), r=3, stride=1, padding=0, dilation=2),   # the dilated filter spans 5 > 4 rows
+    dict(hw=(1, 1), r=3, stride=1, padding=0, dilation=1),
+])
+def test_filter_larger_than_the_padded_input_is_refused_as_conv2d_does(impl, geometry):
+    """conv2d raises when the (dilated) filter is larger than the padded input; every implementation must too,
+    not return an empty map (or, rounding the negative span towards zero, a 1 x 1 one)."""
+    if impl == "triton" and not dispatch.supports_conv("triton", torch.empty(1, 16, 1, 1), torch.empty(1, 16, 1, 1)):
+        pytest.skip("the Triton convolutions need CUDA or TRITON_INTERPRET=1")
+    if impl == "cuda" and not dispatch.backends.extension_loaded():
+        pytest.skip("the compiled convolutions need the extension")
+    x = torch.randn(1, 16, *geometry["hw"])
+    w = torch.randn(16, 16, geometry["r"], geometry["r"])
+    args = ([geometry["stride"]] * 2, [geometry["padding"]] * 2, [geometry["dilation"]] * 2, 1)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size") as torch_error:
+        torch.nn.functional.conv2d(x, w, None, *args)
+    fns = dispatch.conv_functions(impl, "cpu")
+    with pytest.raises(RuntimeError) as ours:
+        fns.fwd(x, w, *args, stats=True)
+    assert str(ours.value) == str(torch_error.value)
+    # The limit itself is an output: padded input exactly the filter's span gives one position, as in conv2d.
+    fit = torch.randn(1, 16, (geometry["r"] - 1) * geometry["dilation"] + 1, geometry["hw"][1] + 8)
+    y, _ = fns.fwd(fit, w, *args, stats=True)
+    assert y.shape == torch.nn.functional.conv2d(fit, w, None, *args).shape
+
+
 def test_statistics_epilogue_equals_the_bn_statistics_op():
     """The epilogue's (count, mean, m2) against bn_stats of the same (stored) output tensor."""
     from fused_resnet import batch_norm_stats

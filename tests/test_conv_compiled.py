@@ -290,6 +290,29 @@ def test_cutlass_takes_dgrad(args, takes):
     assert conv_compiled.cutlass_takes_dgrad(g, w, (2, a["C"], 5, 5), a["dilation"], a["groups"]) == takes
 
 
+@pytest.mark.parametrize("x_shape, w_shape, stride, takes", [
+    ((2, 16, 40, 40), (24, 16, 32, 32), 1, True),         # 32 x 32 taps: the kOptimized iterators' mask bits
+    ((2, 16, 40, 40), (24, 16, 33, 1), 1, False),
+    ((2, 16, 40, 40), (24, 16, 1, 33), 1, False),
+    ((1023, 64, 128, 128), (64, 64, 1, 1), 1, True),      # x, y: (2^30 - 2^20) 16-bit elements, under 2 GiB
+    ((1024, 64, 128, 128), (64, 64, 1, 1), 2, False),     # x: 2^30 16-bit elements, 2 GiB (y is a quarter)
+    ((512, 64, 128, 128), (128, 64, 1, 1), 1, False),     # y: 2 GiB (x is 1 GiB)
+    ((1, 4096, 6, 6), (4096, 4096, 6, 6), 1, False),      # wgrad's fp32 dw: 2.4 GB (w itself 1.2 GB in 16 bits)
+    ((1, 4096, 5, 5), (4096, 4096, 5, 5), 1, True),       # dw 1.7 GB
+])
+def test_cutlass_takes_only_what_fits_cutlass_limits(x_shape, w_shape, stride, takes):
+    """CUTLASS's own limits (conv_launch.h, shape_fits): calls beyond them go to another implementation rather
+    than to the binding, which would refuse them (or, for the fusion kernels, whose can_implement does not check
+    tensor sizes, compute them with overflowing 32-bit offsets)."""
+    x = torch.empty(x_shape, dtype=torch.float16, device="meta")
+    w = torch.empty(w_shape, dtype=torch.float16, device="meta")
+    geometry = ([stride] * 2, [0, 0], [1, 1])
+    assert conv_compiled.cutlass_takes(x, w, 1, None, None, None, False, *geometry) == takes
+    ho, wo = (x_shape[2] - w_shape[2]) // stride + 1, (x_shape[3] - w_shape[3]) // stride + 1
+    dy = torch.empty(x_shape[0], w_shape[0], ho, wo, dtype=torch.float16, device="meta")
+    assert conv_compiled.cutlass_takes_dgrad(dy, w, x_shape, [1, 1], 1) == takes
+
+
 @pytest.mark.parametrize("bad, message", [
     ("weight_dtype", "weight has dtype"),
     ("mean_without_invstd", "mean and invstd must be given together"),
@@ -395,7 +418,7 @@ def test_cutlass_takes(args, takes):
     bias = torch.empty(a["K"]) if a["bias"] else None
     residual = torch.empty(2, a["K"], 5, 5, dtype=a["dtype"]) if a["residual"] else None
     relu = a["bias"] if a["relu"] is None else a["relu"]
-    assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, residual, relu) == takes
+    assert conv_compiled.cutlass_takes(x, w, a["groups"], p, bias, residual, relu, [1, 1], [1, 1], [1, 1]) == takes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -432,7 +455,8 @@ def test_cutlass_on_cuda_fwd_matches_float64(case, dtype, memory_format, variant
     eager = _eager(tc, case, prologue, eval_epilogue, resc)
     p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True) if prologue else None
     bias = tc["bias"] if eval_epilogue else None
-    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, bias, resc, eval_epilogue)
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, bias, resc, eval_epilogue, [stride] * 2,
+                                       [padding] * 2, [dilation] * 2)
     y, stats = dispatch.conv_functions("cuda", "cuda").fwd(tc["x"], tc["w"], [stride] * 2, [padding] * 2,
                                                             [dilation] * 2, groups, prologue=p, stats=True,
                                                             bias=bias, residual=resc, relu=eval_epilogue)
@@ -455,11 +479,12 @@ def test_cutlass_on_cuda_wgrad_and_dgrad_match_float64(case, dtype, memory_forma
     tc, gc = _on_cuda(t), grad.cuda()
     p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
     fns = dispatch.conv_functions("cuda", "cuda")
-    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False)
+    geometry = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False, *geometry)
     dw = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, p)
     assert_2x_eager(f"{case} dw", dw, _wgrad_eager(tc, gc, case, True), _wgrad_eager(t64, grad.double(), case, True),
                     dtype, FLOORS[dtype])
-    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, None, None, None, False)  # the plain wgrad
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, None, None, None, False, *geometry)  # plain wgrad
     dw_plain = fns.wgrad(gc, tc["x"], tc["w"].shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, dtype, None)
     assert_2x_eager(f"{case} dw (no prologue)", dw_plain, _wgrad_eager(tc, gc, case, False),
                     _wgrad_eager(t64, grad.double(), case, False), dtype, FLOORS[dtype])
@@ -500,7 +525,8 @@ def test_cutlass_on_cuda_prologue_beyond_fp16_range(dtype):
     t64 = {k: v.double() for k, v in t.items()}
     tc = _on_cuda(t)
     p = (tc["mean"], tc["invstd"], tc["bn_w"], tc["bn_b"], True)
-    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False)
+    assert conv_compiled.cutlass_takes(tc["x"], tc["w"], groups, p, None, None, False, [stride] * 2, [padding] * 2,
+                                       [dilation] * 2)
     fns = dispatch.conv_functions("cuda", "cuda")
     y, _ = fns.fwd(tc["x"], tc["w"], [stride] * 2, [padding] * 2, [dilation] * 2, groups, prologue=p, stats=False)
     ref = _eager(t64, case, True, False, None)

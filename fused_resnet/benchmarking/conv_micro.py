@@ -119,7 +119,7 @@ def _case_fns(shape: ConvShape, provider: str, device: torch.device, dtype: torc
     if provider == "cutlass":
         from ..ops import conv_compiled
 
-        takes_fwd = conv_compiled.cutlass_takes(x, w, shape.groups, prologue, None, None, False)
+        takes_fwd = conv_compiled.cutlass_takes(x, w, shape.groups, prologue, None, None, False, *args[:3])
         takes_dgrad = conv_compiled.cutlass_takes_dgrad(dy, w, x.shape, shape.dilation, shape.groups)
         ran = dict(fwd="cutlass" if takes_fwd else "aten",
                    bwd="cutlass" if takes_fwd and takes_dgrad else

@@ -2,7 +2,8 @@
 the convolution implementation "cuda" of fused_resnet.dispatch:
 
   CUDA tensors  CUTLASS kernels (csrc/cuda/conv/), when the extension was built with them (``cutlass_built``)
-                and the call is one they take (``cutlass_takes``: fp16 or bf16, groups 1, C and K multiples of 8, and
+                and the call is one they take (``cutlass_takes``: fp16 or bf16, groups 1, C and K multiples of 8,
+                filters of at most 32 x 32 taps and tensors under 2 GiB (``cutlass_shape_fits``), and
                 the BN-apply + ReLU prologue, no prologue and no epilogue, or the eval epilogue bias (+ residual)
                 + ReLU); every other call
                 takes the "aten" path
@@ -37,6 +38,7 @@ no parity or speed claim is made for it, and dispatch's automatic per-shape choi
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -48,6 +50,11 @@ from .._layout import conv_output_size
 
 CUTLASS_DTYPES = (torch.float16, torch.bfloat16)  # one instantiation each (csrc/cuda/conv/*_f16.cu, *_bf16.cu)
 CUTLASS_ALIGNMENT = 8  # channels per 128-bit access of the 16-bit instantiations (csrc/cuda/conv/conv_launch.h)
+# CUTLASS's own limits beside the alignment (csrc/cuda/conv/conv_launch.h, shape_fits): filters of at most
+# 32 x 32 taps (the kOptimized iterators keep one mask bit per tap) and tensors under 2 GiB (its iterators'
+# 32-bit byte offsets; 16-bit x / w / y, the fp32 dw of wgrad).
+CUTLASS_MAX_FILTER = 32
+CUTLASS_MAX_BYTES = 2 ** 31
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,14 +66,27 @@ def cutlass_built() -> bool:
     return bool(getattr(ext, "WITH_CUTLASS", False))
 
 
+def cutlass_shape_fits(input_shape, weight_shape, output_shape) -> bool:
+    """CUTLASS's limits on a convolution's extents (csrc/cuda/conv/conv_launch.h, shape_fits): at most
+    CUTLASS_MAX_FILTER taps each way, and every tensor (16-bit input, weight and output; the fp32 weight
+    gradient) under CUTLASS_MAX_BYTES."""
+    numel = math.prod
+    return (len(weight_shape) == 4 and weight_shape[2] <= CUTLASS_MAX_FILTER and weight_shape[3] <= CUTLASS_MAX_FILTER
+            and 2 * numel(input_shape) < CUTLASS_MAX_BYTES and 4 * numel(weight_shape) < CUTLASS_MAX_BYTES
+            and 2 * numel(output_shape) < CUTLASS_MAX_BYTES)
+
+
 def cutlass_takes(x: Tensor, weight: Tensor, groups: int, prologue: Optional[tuple], bias: Optional[Tensor],
-                  residual: Optional[Tensor], relu: bool) -> bool:
+                  residual: Optional[Tensor], relu: bool, stride, padding, dilation) -> bool:
     """Whether the CUDA registrations of conv_fwd / conv_wgrad (csrc/cuda/conv/conv_cuda_ops.cpp) take this
     call: their checks, restated (they reject anything else with an error, never computing it differently).
     conv_wgrad is asked with bias=None, relu=False (prologue or none)."""
     shape_ok = (x.dtype in CUTLASS_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and groups == 1
                 and x.shape[1] > 0 and x.shape[1] % CUTLASS_ALIGNMENT == 0
                 and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+    if shape_ok:
+        ho, wo = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+        shape_ok = cutlass_shape_fits(x.shape, weight.shape, (x.shape[0], weight.shape[0], ho, wo))
     bn_relu_prologue = prologue is not None and bool(prologue[4]) and bias is None and residual is None and not relu
     plain = prologue is None and bias is None and residual is None and not relu
     eval_epilogue = prologue is None and bias is not None and relu
@@ -79,7 +99,7 @@ def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, 
     """(y, stats of y or None), the signature of kernels/conv_fwd.conv_fwd and reference.conv_fwd (``bn``: the
     BatchNorm kernels of the fallback on CUDA)."""
     if x.device.type == "cuda" and not (cutlass_built() and cutlass_takes(x, weight, groups, prologue, bias,
-                                                                         residual, relu)):
+                                                                         residual, relu, stride, padding, dilation)):
         return reference.conv_fwd(x, weight, stride, padding, dilation, groups, prologue=prologue, stats=stats,
                                   bias=bias, residual=residual, relu=relu, bn=bn)
     mean, invstd, bn_weight, bn_bias, relu_in = prologue if prologue is not None else (None, None, None, None, False)
@@ -95,7 +115,8 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     reference.conv_wgrad (``bn``: the BatchNorm kernels of the fallback on CUDA)."""
     if x.device.type == "cuda" and not (cutlass_built() and grad_out.dtype == x.dtype
                                         and cutlass_takes(x, torch.empty(weight_shape, dtype=x.dtype, device="meta"),
-                                                          groups, prologue, None, None, False)):
+                                                          groups, prologue, None, None, False, stride, padding,
+                                                          dilation)):
         return reference.conv_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups, dtype,
                                     prologue=prologue, bn=bn)
     mean, invstd, bn_weight, bn_bias, relu_in = prologue if prologue is not None else (None, None, None, None, False)
@@ -107,10 +128,11 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
 
 def cutlass_takes_dgrad(grad_out: Tensor, weight: Tensor, input_shape, dilation, groups: int) -> bool:
     """Whether the CUDA registration of conv_dgrad takes this call (fp16 or bf16, groups 1, dilation 1, C and K
-    multiples of 8), restated from csrc/cuda/conv/conv_cuda_ops.cpp."""
+    multiples of 8, cutlass_shape_fits), restated from csrc/cuda/conv/conv_cuda_ops.cpp."""
     return (grad_out.dtype in CUTLASS_DTYPES and weight.dtype == grad_out.dtype and groups == 1
             and tuple(dilation) == (1, 1) and len(input_shape) == 4 and input_shape[1] > 0
-            and input_shape[1] % CUTLASS_ALIGNMENT == 0 and weight.shape[0] % CUTLASS_ALIGNMENT == 0)
+            and input_shape[1] % CUTLASS_ALIGNMENT == 0 and weight.shape[0] % CUTLASS_ALIGNMENT == 0
+            and cutlass_shape_fits(input_shape, weight.shape, grad_out.shape))
 
 
 def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups: int,
@@ -197,5 +219,5 @@ if backends.extension_loaded():
     torch.library.register_fake("fused_resnet_C::conv_dgrad", _fake_conv_dgrad)
     torch.library.register_fake("fused_resnet_C::conv_dgrad_bn", _fake_conv_dgrad_bn)
 
-__all__ = ["conv_dgrad", "conv_dgrad_bn", "dgrad_bn_takes", "conv_fwd", "conv_wgrad", "cutlass_built", "cutlass_takes", "cutlass_takes_dgrad",
-           "cutlass_takes_dgrad_bn"]
+__all__ = ["conv_dgrad", "conv_dgrad_bn", "dgrad_bn_takes", "conv_fwd", "conv_wgrad", "cutlass_built",
+           "cutlass_shape_fits", "cutlass_takes", "cutlass_takes_dgrad", "cutlass_takes_dgrad_bn"]

@@ -15,9 +15,9 @@
 // - ReLU keeps NaN (as torch.relu does): y < 0 ? 0 : y.
 // - The marker: the mainloops fill out-of-bounds shared memory with the 16-bit pattern 0x7eff
 //   (cutlass::arch::OOB_NAN_F16, cp_async_nan) whatever the element type. In fp16 that is a NaN; in bf16 it
-//   is the finite value 0x7eff = 1.6947e38, so an input element equal to exactly that value is read as
-//   padding (0). Activations of that size overflow the BatchNorm statistics long before; documented, not
-//   checked.
+//   is the finite value 0x7eff = 1.6947e38, so input elements equal to exactly that value are read as
+//   padding (0): in fprop a channel pair both of that value, in wgrad a single element. Activations of that
+//   size overflow the BatchNorm statistics long before; documented, not checked.
 // - fprop: CUTLASS's fp16 transform tests the whole 32-bit pair against the marker (C is even, so a pair is
 //   in or out of bounds together); so does this one. wgrad: each lane separately (C * R * S may be odd).
 #pragma once

@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "common/conv_checks.h"
@@ -68,14 +69,24 @@ int as_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
-// A dense channels_last copy unless t already is one, with the 16-byte alignment of CUTLASS's 128-bit
-// accesses (a view with a storage offset may not have it).
-at::Tensor channels_last_aligned(const at::Tensor& t) {
-  at::Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
-  if (reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % 16 != 0) {
-    c = c.clone(at::MemoryFormat::ChannelsLast);
-  }
+// t (dense in `format`), or a copy (a fresh allocation: 512-byte aligned) where its data is not `bytes`-aligned:
+// CUTLASS's vector accesses need it, and a view with a storage offset may not have it.
+at::Tensor aligned(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous, int bytes = 16) {
+  at::Tensor c = t.contiguous(format);
+  if (reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % bytes != 0) c = c.clone(format);
   return c;
+}
+
+// A dense channels_last copy unless t already is one, 16-byte aligned.
+at::Tensor channels_last_aligned(const at::Tensor& t) { return aligned(t, at::MemoryFormat::ChannelsLast); }
+
+// Why an instantiation's *_supports refused a shape (the first condition that fails; ops/conv_compiled.py
+// restates them, so that dispatch sends such calls to another implementation instead).
+std::string refusal(const cuda_conv::ConvShape& s) {
+  if (s.C % 8 != 0 || s.K % 8 != 0) return "it needs C % 8 == 0 and K % 8 == 0";
+  if (s.R > cuda_conv::kMaxFilterTaps || s.S > cuda_conv::kMaxFilterTaps) return "it takes at most 32 x 32 filter taps";
+  if (!cuda_conv::shape_fits(s)) return "it takes tensors under 2 GiB (CUTLASS's 32-bit offsets)";
+  return "CUTLASS's can_implement refuses it";
 }
 
 // The launchers' shape of a convolution of x with a weight of weight_size (checked to fit their int32).
@@ -97,8 +108,9 @@ cuda_conv::ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef weight_size
   s.dilation_w = as_int(dilation[1], "dilation_w");
   s.P = cuda_conv::conv_out_extent(s.H, s.R, s.pad_h, s.stride_h, s.dilation_h);
   s.Q = cuda_conv::conv_out_extent(s.W, s.S, s.pad_w, s.stride_w, s.dilation_w);
-  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: empty convolution output for input ", x.sizes(), " and weight ",
-              weight_size);
+  TORCH_CHECK(s.P > 0 && s.Q > 0, "fused_resnet: no convolution output for input ", x.sizes(), " and weight ",
+              weight_size, ", padding ", padding, ", dilation ", dilation,
+              ": Kernel size can't be greater than actual input size");
   // Element offsets inside the kernels' tensors must fit int32 as well as the extents.
   as_int(x.numel(), "x.numel()");
   as_int(int64_t(s.N) * s.P * s.Q * s.K, "y.numel()");
@@ -163,8 +175,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
   const at::ScalarType dtype = x.scalar_type();
-  const char* const shape_message =
-      "fused_resnet: conv_fwd (CUTLASS) does not take this shape (it needs C % 8 == 0 and K % 8 == 0): input ";
+  const char* const shape_message = "fused_resnet: conv_fwd (CUTLASS) does not take this shape (";
   at::Tensor s_out = at::empty({0}, y.options().dtype(at::kDouble)), tile_stats;
   // The prologue and plain kernels compute the statistics in their epilogue: one (count, mean, m2) per row
   // tile and channel, merged below (one row tile: the result itself).
@@ -176,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   double* const tile_stats_ptr = tile_stats.defined() ? tile_stats.data_ptr<double>() : nullptr;
   if (bn_relu_prologue) {
     TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bn_relu_supports<decltype(t)::value>(s); }),
-                shape_message, x.sizes(), ", weight ", weight.sizes());
+                shape_message, refusal(s), "): input ", x.sizes(), ", weight ", weight.sizes());
     const PrologueVectors v = prologue_vectors(*mean, *invstd, bn_weight, bn_bias);
     err = with_conv_dtype(dtype, [&](auto t) {
       return cuda_conv::fprop_bn_relu<decltype(t)::value>(
@@ -185,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
     });
   } else if (plain) {
     TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_stats_supports<decltype(t)::value>(s); }),
-                shape_message, x.sizes(), ", weight ", weight.sizes());
+                shape_message, refusal(s), "): input ", x.sizes(), ", weight ", weight.sizes());
     err = with_conv_dtype(dtype, [&](auto t) {
       return cuda_conv::fprop_stats<decltype(t)::value>(s, xc.const_data_ptr(), wc.const_data_ptr(), y.data_ptr(),
                                                         tile_stats_ptr, stream);
@@ -193,11 +204,12 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::
   } else {
     TORCH_CHECK(
         with_conv_dtype(dtype, [&](auto t) { return cuda_conv::fprop_bias_residual_relu_supports<decltype(t)::value>(s); }),
-        shape_message, x.sizes(), ", weight ", weight.sizes());
+        shape_message, refusal(s), "): input ", x.sizes(), ", weight ", weight.sizes());
     if (present(residual)) check_like(*residual, y, "residual");
     // The broadcast epilogue always reads a residual: zeros stand in for an absent one (an extra read of y's size).
     const at::Tensor r = present(residual) ? channels_last_aligned(*residual) : at::zeros_like(y);
-    const at::Tensor b = bias->to(at::kFloat).contiguous();
+    // The broadcast epilogue loads the bias as AlignedArray<float, 8>: 32-byte aligned vectors.
+    const at::Tensor b = aligned(bias->to(at::kFloat), at::MemoryFormat::Contiguous, 32);
     err = with_conv_dtype(dtype, [&](auto t) {
       return cuda_conv::fprop_bias_residual_relu<decltype(t)::value>(
           s, xc.const_data_ptr(), wc.const_data_ptr(), b.const_data_ptr<float>(), r.const_data_ptr(), y.data_ptr(),
@@ -263,8 +275,8 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x, at::
                 return prologue ? cuda_conv::wgrad_bn_relu_supports<T>(s, split_k)
                                 : cuda_conv::wgrad_supports<T>(s, split_k);
               }),
-              "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-              "K % 8 == 0): input ", x.sizes(), ", weight ", weight_size);
+              "fused_resnet: conv_wgrad (CUDA, CUTLASS) does not take this shape (", refusal(s), "): input ",
+              x.sizes(), ", weight ", weight_size);
   const at::Tensor xc = channels_last_aligned(x), dyc = channels_last_aligned(grad_out);
   const size_t workspace_bytes = with_conv_dtype(dtype, [&](auto t) {
     constexpr ConvDType T = decltype(t)::value;
@@ -317,8 +329,8 @@ at::Tensor conv_dgrad_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
   if (s.K == 0) return dx.zero_().contiguous(format);
   const at::ScalarType dtype = grad_out.scalar_type();
   TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::dgrad_supports<decltype(t)::value>(s); }),
-              "fused_resnet: conv_dgrad (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-              "K % 8 == 0): input ", input_size, ", weight ", weight.sizes());
+              "fused_resnet: conv_dgrad (CUDA, CUTLASS) does not take this shape (", refusal(s), "): input ",
+              input_size, ", weight ", weight.sizes());
   const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight);
   const cudaError_t err = with_conv_dtype(dtype, [&](auto t) {
     return cuda_conv::dgrad<decltype(t)::value>(s, dyc.const_data_ptr(), wc.const_data_ptr(), dx.data_ptr(),
@@ -355,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_bn_cuda(const at::Tensor& grad_out
   if (s.K == 0) return {dz.zero_().contiguous(format), sums};
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(with_conv_dtype(dtype, [&](auto t) { return cuda_conv::dgrad_bn_supports<decltype(t)::value>(s); }),
-              "fused_resnet: conv_dgrad_bn (CUDA, CUTLASS) does not take this shape (it needs C % 8 == 0 and "
-              "K % 8 == 0): input ", x.sizes(), ", weight ", weight.sizes());
+              "fused_resnet: conv_dgrad_bn (CUDA, CUTLASS) does not take this shape (", refusal(s), "): input ",
+              x.sizes(), ", weight ", weight.sizes());
   const at::Tensor dyc = channels_last_aligned(grad_out), wc = channels_last_aligned(weight),
                    xc = channels_last_aligned(x);
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();

@@ -46,16 +46,38 @@ struct ConvShape {
   int dilation_h, dilation_w;
 };
 
-// Output size of a cross-correlation (the caller's P, Q must equal it; the launchers check).
+// Output size of a cross-correlation (the caller's P, Q must equal it; the launchers check). 0 when the
+// dilated filter is larger than the padded input (torch's conv2d raises there; C++'s division would round the
+// negative span towards zero and report one output position).
 inline int conv_out_extent(int in, int filter, int pad, int stride, int dilation) {
-  return (in + 2 * pad - dilation * (filter - 1) - 1) / stride + 1;
+  const int span = in + 2 * pad - dilation * (filter - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+// CUTLASS's own limits, for every instantiation below (each *_supports includes them, so that no launcher runs
+// outside them; ops/conv_compiled.py's cutlass_takes and cutlass_shape_fits restate them):
+//   - C and K multiples of 8, the elements of one 128-bit access of every operand and of the output
+//     (CUTLASS's plain device operators check the output's alignment in can_implement, its fusion operators
+//     do not: an fprop_bn_relu with K = 12 would store misaligned 16-byte vectors, into the next row too);
+//   - at most 32 x 32 filter taps (the kOptimized iterators keep one mask bit per tap);
+//   - every tensor under 2 GiB: the 16-bit x, w and y, and wgrad's fp32 dw (CUTLASS's iterators are
+//     documented for 32-bit byte offsets: its plain operators refuse larger tensors, its fusion ones do not
+//     check).
+constexpr int kAlignment = 8;
+constexpr int kMaxFilterTaps = 32;
+constexpr long long kMaxTensorBytes = 1LL << 31;
+
+inline bool shape_fits(const ConvShape& s) {
+  const long long x = 1LL * s.N * s.H * s.W * s.C, w = 1LL * s.K * s.R * s.S * s.C, y = 1LL * s.N * s.P * s.Q * s.K;
+  return s.C % kAlignment == 0 && s.K % kAlignment == 0 && s.R <= kMaxFilterTaps && s.S <= kMaxFilterTaps &&
+         2 * x < kMaxTensorBytes && 4 * w < kMaxTensorBytes && 2 * y < kMaxTensorBytes;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // fprop with the BN-apply + ReLU prologue: y = alpha * conv2d(relu(x * scale + shift), w). 16-bit x / w / y,
 // fp16 scale / shift, fp32 accumulation and fp32 alpha, one rounding of y; sm80 mma.sync (runs on sm80 and
 // later, Hopper included: CUTLASS 2.x mainloop, no TMA / wgmma).
-// Takes: C % 8 == 0 and K % 8 == 0 (128-bit accesses), groups 1, any R, S, stride, padding, dilation
+// Takes: C % 8 == 0 and K % 8 == 0 (128-bit accesses), groups 1, R, S <= 32, any stride, padding, dilation
 // (one instantiation per tile shape; the iterator is CUTLASS's kOptimized one).
 
 // Statistics: tile_stats nullptr, or double [ceil(N*P*Q / kFpropTileRows), 3, K]: per row tile of
@@ -147,8 +169,8 @@ cudaError_t dgrad(const ConvShape& s, const void* dy, const void* w, void* dx, c
 // dgrad with the prologue BatchNorm's backward in the epilogue: dz = dgrad(dy, w) * [z > 0] (z = (x - mean) *
 // weight * invstd + bias, the prologue's BatchNorm recomputed from x; no mask when !relu), 16-bit dy / w / x /
 // dz, fp32 accumulation; and partials float [ceil(N*H*W / kDgradBnTileRows), 2, C] = per row tile and channel
-// (sum dz, sum dz * xhat), xhat = (x - mean) * invstd, exact fp32 over the tile's stored (rounded) dz. The
-// caller sums the row tiles in a fixed order (cuda_bn::launch_reduce_partials_float). mean / invstd float
+// (sum dz, sum dz * xhat), xhat = (x - mean) * invstd, fp32 sums in row order over the tile's stored
+// (rounded) dz. The caller sums the row tiles in a fixed order (cuda_bn::launch_reduce_partials_float). mean / invstd float
 // [C]; weight / bias float [C] or nullptr. Takes: stride 1 (CUTLASS's unit-stride dgrad), dilation 1,
 // C % 8 == 0 and K % 8 == 0, groups 1.
 constexpr int kDgradBnTileRows = 128;

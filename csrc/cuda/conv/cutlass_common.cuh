@@ -7,8 +7,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <type_traits>
+
 #include "cutlass/conv/conv2d_problem_size.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/device_kernel.h"
 #include "cutlass/layout/tensor.h"
 #include "cutlass/numeric_types.h"
 #include "cuda/conv/conv_launch.h"
@@ -68,28 +71,52 @@ TensorRef input_ref(const void* p, typename TensorRef::Layout layout) {
                    layout);
 }
 
-// Whether `Operation` takes `args` (with a workspace only when `workspace_ok`).
+// Whether `Operation` takes `args` (with a workspace only when `workspace_ok`), within CUTLASS's limits on the
+// extents (conv_launch.h, shape_fits).
 template <typename Operation>
 bool operation_supports(const typename Operation::Arguments& args, bool workspace_ok) {
-  return Operation::can_implement(args) == cutlass::Status::kSuccess &&
+  const cutlass::conv::Conv2dProblemSize& p = args.problem_size;
+  const ConvShape s{p.N, p.H, p.W, p.C, p.K, p.R, p.S, p.P, p.Q, p.pad_h, p.pad_w, p.stride_h, p.stride_w,
+                    p.dilation_h, p.dilation_w};
+  return shape_fits(s) && Operation::can_implement(args) == cutlass::Status::kSuccess &&
          (workspace_ok || Operation::get_workspace_size(args) == 0);
+}
+
+// The __global__ kernel of a CUTLASS 2.x device operator (ImplicitGemmConvolution names it UnderlyingKernel,
+// ImplicitGemmConvolutionFusion ImplicitGemmFusionKernel).
+template <typename Operation, typename = void>
+struct KernelOf {
+  using type = typename Operation::UnderlyingKernel;
+};
+template <typename Operation>
+struct KernelOf<Operation, std::void_t<typename Operation::ImplicitGemmFusionKernel>> {
+  using type = typename Operation::ImplicitGemmFusionKernel;
+};
+
+// Why a CUTLASS launch failed. Its initialize() / run() read the CUDA error themselves (cudaGetLastError,
+// which clears it) and return only kErrorInternal, so the cause is asked again of the kernel: no kernel image
+// for this GPU (the extension was built for another architecture: TORCH_CUDA_ARCH_LIST) or an invalid device
+// function; otherwise `otherwise`.
+template <typename Operation>
+cudaError_t launch_failure(cudaError_t otherwise) {
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, cutlass::Kernel<typename KernelOf<Operation>::type>);
+  if (err != cudaSuccess) return err;
+  const cudaError_t pending = cudaGetLastError();
+  return pending != cudaSuccess ? pending : otherwise;
 }
 
 // One launch: initialize() raises the dynamic shared-memory limit when the kernel needs more than 48 KiB and
 // zeroes serial split-K's semaphores (cudaMemsetAsync on `stream`); run() launches.
 template <typename Operation>
 cudaError_t operation_run(const typename Operation::Arguments& args, void* workspace, cudaStream_t stream) {
-  if (Operation::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (!operation_supports<Operation>(args, /*workspace_ok=*/true)) return cudaErrorNotSupported;
   if (Operation::get_workspace_size(args) != 0 && workspace == nullptr) return cudaErrorInvalidValue;
   Operation op;
   if (op.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+    return launch_failure<Operation>(cudaErrorInvalidConfiguration);
   }
-  if (op.run(stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-  }
+  if (op.run(stream) != cutlass::Status::kSuccess) return launch_failure<Operation>(cudaErrorLaunchFailure);
   return cudaGetLastError();
 }
 

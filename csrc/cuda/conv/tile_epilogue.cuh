@@ -6,8 +6,8 @@
 //   TileBnBackward   (dgrad): applies the ReLU mask of the prologue's BatchNorm to the stored input gradient
 //                    in place (dz = dx * [z > 0], z = bn(x) recomputed from x) and writes the tile's
 //                    (sum dz, sum dz * xhat) per channel: the BatchNorm backward's reduction.
-// Deterministic: one partial per (row tile, channel), exact in fp32 over the tile's <= 128 stored (rounded)
-// values; the row tiles' partials are then combined in a fixed order by the BatchNorm kernels' second passes
+// Deterministic: one partial per (row tile, channel), in fp32 in row order over the tile's <= 128 stored
+// (rounded) values (the statistics two-pass: mean, then m2 about it); the row tiles' partials are then combined in a fixed order by the BatchNorm kernels' second passes
 // (cuda_bn::launch_merge_stats_partials, launch_reduce_partials_float), as the Triton kernels do.
 //
 // How it plugs into CUTLASS 2.x: its convolution kernels hand their epilogue nothing but the output op, the
