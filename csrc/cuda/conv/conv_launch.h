@@ -156,8 +156,12 @@ cudaError_t wgrad(const ConvShape& s, int split_k_slices, const void* dy, const 
 // dgrad: dx[n, h, w, c] = sum over (k, r, s) of dy[n, p, q, k] * w[k, r, s, c] over the (p, q, r, s) with
 // h = p * stride_h - pad_h + r and w likewise: the input gradient of the convolution. 16-bit dy (NPQK),
 // w (KRSC) and dx (NHWC), fp32 accumulation, one rounding. CUTLASS's strided dgrad (kStrided, one CTA per phase of
-// the stride), which takes stride 1 too; every dx element is written once (phases without a filter tap,
-// stride > filter, store their zero accumulators: to be confirmed by the GPU parity tests, 1x1 stride 2).
+// the stride), which takes stride 1 too. Every dx element is written once, so dx needs no zeroing: the
+// swizzle launches every phase (StridedDgradIdentityThreadblockSwizzle), a phase without a filter tap
+// (stride > filter: 3 of the 4 phases of a 1x1 stride-2 convolution) skips only the mainloop and stores its
+// cleared accumulators (implicit_gemm_convolution_strided_dgrad.h: the early return is for phases with no dx
+// row at all), and the strided-dgrad output iterator maps a phase's rows one to one onto its dx pixels (read
+// from CUTLASS 4.2 and replayed on CPU over small shapes; the GPU parity tests' 1x1 stride-2 case checks it).
 // Takes: C % 8 == 0 and K % 8 == 0, groups 1, dilation 1, R, S <= 32.
 
 template <ConvDType T>
