@@ -103,6 +103,28 @@ fi
 
 [[ -n "${CUOBJDUMP}" ]] || echo "check_cuda_compile: note: no cuobjdump (CUDA toolkit or triton wheel): SASS checks skipped"
 
+# SASS check of the BatchNorm kernels: the elementwise kernels' 16-bit, 8-channel instantiations (bn_act,
+# bn_backward_elemt: the memory-bound ones) store each row's 16 bytes as one STG.E.128. nvcc once split
+# them into 2-byte stores (an offset form it could not prove aligned: batch_norm_kernels.cuh).
+check_bn_stores() {  # check_bn_stores OBJECT
+  local sass="${TMP}/bn_sass.txt"
+  "${CUOBJDUMP}" -sass "$1" >"${sass}" || { echo "check_cuda_compile: FAILED: cuobjdump $1" >&2; return 1; }
+  awk '
+    /Function : / { f = $3; watched = f ~ /(bn_act_kernel|bn_backward_elemt_kernel)I(6__half|13__nv_bfloat16)fLi8E/
+                    if (watched) seen[f] = 0 }
+    watched && /STG/ { if ($0 ~ /STG\.E\.128/) seen[f]++; else { narrow[f]++ } }
+    END {
+      n = 0; bad = 0
+      for (f in seen) { n++; if (seen[f] == 0 || narrow[f] > 0) { bad = 1; print "check_cuda_compile: FAILED: " f ": " seen[f] " 128-bit and " narrow[f] + 0 " narrower stores" > "/dev/stderr" } }
+      if (n != 4) { bad = 1; print "check_cuda_compile: FAILED: expected 4 watched BatchNorm kernels in the SASS, found " n > "/dev/stderr" }
+      exit bad
+    }' "${sass}"
+}
+if [[ -n "${CUOBJDUMP}" ]]; then
+  check_bn_stores "${TMP}/batch_norm_launch.cu.o" && echo "check_cuda_compile: BatchNorm elementwise kernels: 128-bit stores" \
+    || status=1
+fi
+
 check_sass() {  # check_sass SOURCE OBJECT
   local f="$1" obj="$2" sass="${TMP}/sass.txt" ok=0
   "${CUOBJDUMP}" -sass "${obj}" >"${sass}" || { echo "check_cuda_compile: FAILED: cuobjdump ${obj}" >&2; return 1; }

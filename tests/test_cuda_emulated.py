@@ -471,6 +471,8 @@ PARTIAL_CASES = [
     ((10, 520, 4, 4), "channels_last", torch.bfloat16, 64, True),  # C > 256: 3 channel blocks, tail
     ((6, 300, 3, 3), "channels_last", torch.float32, 64, False),   # C % 8 != 0, 3 channel blocks
     ((4, 33, 20, 20), "permuted", torch.float32, 8, False),        # copy path, 33 channel blocks
+    # P 80 > 64: merge_stats_partials_kernel's threads each merge more than one batch of 8 partials
+    ((40, 8, 64, 64), "channels_last", torch.float32, 64, True),
 ]
 
 

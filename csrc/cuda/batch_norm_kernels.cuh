@@ -351,9 +351,22 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kPartialsTX + tx;
   double n = 0.0, mean = 0.0, m2 = 0.0;
   if (c < C) {
-    for (int64_t p = ty; p < P; p += kPartialsTY) {
-      const double* q = partials + p * 3 * C + c;
-      welford_merge<double>(n, mean, m2, q[0], q[C], q[2 * C]);
+    // kBatch partials loaded before they are merged: the loads overlap, instead of each waiting behind the
+    // previous merge's division (the CUTLASS fprop passes one partial per 128-row tile: thousands). Same order.
+    constexpr int kBatch = 8;
+    for (int64_t p0 = ty; p0 < P; p0 += kBatch * kPartialsTY) {
+      double bn[kBatch], bmean[kBatch], bm2[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t p = p0 + static_cast<int64_t>(u) * kPartialsTY;
+        const double* q = partials + p * 3 * C + c;
+        const bool in = p < P;  // an absent partial is the empty one (count 0): merging it changes nothing
+        bn[u] = in ? q[0] : 0.0;
+        bmean[u] = in ? q[C] : 0.0;
+        bm2[u] = in ? q[2 * C] : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) welford_merge<double>(n, mean, m2, bn[u], bmean[u], bm2[u]);
     }
   }
   s_n[ty][tx] = n;
@@ -436,7 +449,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) z[j] = relu_nan<A>(z[j]);
     }
-    store_channels<T, VEC>(yc + cur.offset(ly), z);
+    // The rows_merged form of the same offset: with cur.offset alone nvcc splits the 16-byte store into 2-byte
+    // ones (checked in the PTX; scripts/check_cuda_compile.sh checks the SASS).
+    store_channels<T, VEC>(yc + (ly.rows_merged ? m * ly.s_hw : cur.offset(ly)), z);
     cur.advance(lx.HW);
   }
 }
@@ -596,8 +611,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       gx[j] = batch_stats ? bn_grad_input_train<A>(dzv[j], xhat, cc.scale[j], mean_dz[j], mean_dzx[j])
                           : cc.scale[j] * dzv[j];
     }
-    store_channels<T, VEC>(dxc + cur.offset(ldx), gx);
-    if (dzc != nullptr) store_channels<T, VEC>(dzc + cur.offset(ldz), dzv);
+    // As in bn_act: the rows_merged form keeps both stores 16-byte wide.
+    store_channels<T, VEC>(dxc + (ldx.rows_merged ? m * ldx.s_hw : cur.offset(ldx)), gx);
+    if (dzc != nullptr) store_channels<T, VEC>(dzc + (ldz.rows_merged ? m * ldz.s_hw : cur.offset(ldz)), dzv);
     cur.advance(lx.HW);
   }
 }
