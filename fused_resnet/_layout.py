@@ -46,3 +46,19 @@ def conv_output_size(h: int, w: int, r: int, s: int, stride, padding, dilation) 
         raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
                            f"({span[0]} x {span[1]}). Kernel size can't be greater than actual input size")
     return (padded[0] - span[0]) // stride[0] + 1, (padded[1] - span[1]) // stride[1] + 1
+
+
+# The Triton kernels index pixel rows (program_id * BLOCK_M + arange) and the element offsets within one
+# image in int32 (image bases are int64): rows plus a tile, and every in-image offset, must stay below 2^31.
+INT32_LIMIT = 2 ** 31 - 1
+ROW_MARGIN = 2 ** 16  # more than any tile's rows
+
+
+def in_image_extent(shape, strides) -> int:
+    """The largest element offset within one image of an N, C, H, W tensor of these sizes and strides."""
+    return sum((n - 1) * abs(st) for n, st in zip(shape[1:], strides[1:]) if n > 0)
+
+
+def int32_indexing_fits(rows: int, *tensors) -> bool:
+    """Whether int32 indexing holds for ``rows`` pixel rows and each (shape, strides) of ``tensors``."""
+    return rows + ROW_MARGIN <= INT32_LIMIT and all(in_image_extent(*t) <= INT32_LIMIT for t in tensors)

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backends, conv_gemm
+from . import _layout, backends, conv_gemm
 
 BN_OPS = ("bn_stats", "bn_finalize", "bn_act", "bn_backward_reduce", "bn_backward_elemt")
 CONV_OPS = ("conv_fwd", "conv_dgrad", "conv_wgrad")
@@ -200,6 +200,16 @@ def _heuristic(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     return "triton" if c_g >= 16 and k_g >= 16 else "aten"
 
 
+def _triton_indexing_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
+    """The Triton convolutions' int32 indexing (_layout.int32_indexing_fits) for x, its output and their
+    gradients (dense)."""
+    n, _, h, w = x.shape
+    ho, wo = _layout.conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    k = weight.shape[0]
+    return _layout.int32_indexing_fits(n * max(h * w, ho * wo), (x.shape, x.stride()),
+                                       ((n, k, ho, wo), (k * ho * wo, ho * wo, wo, 1)))
+
+
 def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
                     groups: int) -> tuple[str, ...]:
     """The convolution implementations that may run this convolution on ``backend``, "aten" always among
@@ -208,7 +218,9 @@ def conv_candidates(backend: str, x: torch.Tensor, weight: torch.Tensor, stride,
     GEMM convolution where it applies (conv_gemm.applies: small CPU maps)."""
     if backend == "cpu" and conv_gemm.applies(x, weight, stride, padding, dilation, groups):
         return ("aten", "gemm")
-    out = ("triton", "aten") if backend == "triton" and supports_conv("triton", x, weight) else ("aten",)
+    triton_ok = (backend == "triton" and supports_conv("triton", x, weight)
+                 and _triton_indexing_fits(x, weight, stride, padding, dilation))
+    out = ("triton", "aten") if triton_ok else ("aten",)
     if backend in ("triton", "cuda") and supports_conv("cuda", x, weight):
         out += ("cuda",)
     return out

@@ -50,8 +50,8 @@ def grads(*tensors):
 
 
 class StandInCudaTensor:
-    """What dispatch.conv_choice reads of an input (device, dtype, shape, layout), on CUDA: lets its choice
-    logic be tested without a GPU."""
+    """What dispatch.conv_choice reads of an input (device, dtype, shape, strides, layout), on CUDA: lets its
+    choice logic be tested without a GPU."""
 
     device = torch.device("cuda")
 
@@ -60,3 +60,6 @@ class StandInCudaTensor:
 
     def is_contiguous(self, memory_format=None):
         return True
+
+    def stride(self):
+        return torch.empty(self.shape, device="meta").stride()

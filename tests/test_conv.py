@@ -171,6 +171,41 @@ def test_filter_larger_than_the_padded_input_is_refused_as_conv2d_does(impl, geo
     assert y.shape == torch.nn.functional.conv2d(fit, w, None, *args).shape
 
 
+@pytest.mark.parametrize("x_shape, channels_last, fits", [
+    ((256, 64, 112, 112), True, True),          # ResNet-50's largest activation at batch 256
+    ((1, 64, 8192, 4097), True, False),         # one image of over 2^31 elements: in-image offsets overflow
+    ((1, 64, 8192, 4096), False, True),         # 2^31 elements: the last offset is 2^31 - 1, NCHW
+    ((40000, 8, 256, 256), True, False),        # 2.6e9 pixel rows
+])
+def test_triton_convolutions_only_get_what_their_int32_indexing_holds(monkeypatch, x_shape, channels_last, fits):
+    """The Triton kernels index pixel rows and in-image offsets in int32: dispatch must send larger
+    convolutions to ATen (not run them with wrapped offsets), and the launchers refuse them when called
+    directly."""
+    from fused_resnet.kernels import conv_configs
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(x_shape, device="meta").contiguous(memory_format=fmt)
+    w = torch.empty(16, x_shape[1], 1, 1, device="meta")
+    monkeypatch.setattr(dispatch, "supports_conv", lambda impl, *_: impl == "triton")
+    candidates = dispatch.conv_candidates("triton", x, w, [1, 1], [0, 0], [1, 1], 1)
+    assert ("triton" in candidates) == fits and "aten" in candidates
+    y = torch.empty(x_shape[0], 16, *x_shape[2:], device="meta")
+    rows = x_shape[0] * x_shape[2] * x_shape[3]
+    if fits:
+        conv_configs.check_int32_indexing("convolution", rows, x, y)
+    else:
+        with pytest.raises(ValueError, match="int32"):
+            conv_configs.check_int32_indexing("convolution", rows, x, y)
+
+
+def test_triton_batch_norm_refuses_rows_beyond_int32():
+    from fused_resnet.kernels import batch_norm as kbn
+
+    kbn._check_rows(256 * 112 * 112)
+    with pytest.raises(ValueError, match="int32"):
+        kbn._check_rows(2 ** 31 - 2 ** 10)
+
+
 def test_statistics_epilogue_equals_the_bn_statistics_op():
     """The epilogue's (count, mean, m2) against bn_stats of the same (stored) output tensor."""
     from fused_resnet import batch_norm_stats

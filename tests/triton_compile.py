@@ -94,6 +94,10 @@ def main(argv=None) -> int:
 
     try:
         launches = record_resnet50(setattr_)
+        # fp32 with TF32 off, what the tests and the e2e accuracy run use (tests/conftest.py): IEEE tl.dot on
+        # the CUDA cores, with its own tiles (kernels/conv_configs.py, fma_dot).
+        setattr_(torch.backends.cudnn, "allow_tf32", False)
+        launches += record_resnet50(setattr_, dtypes=(torch.float32,))
     finally:
         for obj, name, value in reversed(undo):
             setattr(obj, name, value)

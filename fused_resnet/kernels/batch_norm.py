@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._layout import acc_dtype_of, geometry, kernel_layout
+from .._layout import INT32_LIMIT, ROW_MARGIN, acc_dtype_of, geometry, kernel_layout
 
 # ---------------------------------------------------------------------------------------------------------
 # Device helpers
@@ -366,6 +366,13 @@ def _reduce_grid(M: int, C: int, block_m: int, block_c: int, device: torch.devic
     return rows_per_prog, triton.cdiv(M, rows_per_prog)
 
 
+def _check_rows(M: int) -> None:
+    """The kernels' pixel-row indices are int32 (element offsets are int64): a clear error, not wrapped rows."""
+    if M + ROW_MARGIN > INT32_LIMIT:
+        raise ValueError(f"fused_resnet: the Triton BatchNorm kernels index N*H*W = {M} rows in int32 (at most "
+                         f"{INT32_LIMIT - ROW_MARGIN}); use the eager or cuda backend for this tensor")
+
+
 def _channels_fast(x: Tensor) -> bool:
     s_n, s_c, s_hw, _ = geometry(x)
     return s_c <= s_hw or x.shape[2] * x.shape[3] == 1
@@ -405,6 +412,7 @@ def bn_stats(x: Tensor) -> Tensor:
     x = kernel_layout(x)
     N, C, H, W = x.shape
     M = N * H * W
+    _check_rows(M)
     if M == 0 or C == 0:
         return torch.zeros((3, C), dtype=torch.float64, device=x.device)
     block_m, block_c = _tile(M, C, _channels_fast(x))
@@ -455,6 +463,7 @@ def bn_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bi
     y = torch.empty_like(x)
     N, C, H, W = x.shape
     M = N * H * W
+    _check_rows(M)
     if M == 0 or C == 0:
         return y
     res = kernel_layout(residual) if residual is not None else x
@@ -475,6 +484,7 @@ def bn_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor
     x, grad_out = kernel_layout(x), kernel_layout(grad_out)
     N, C, H, W = x.shape
     M = N * H * W
+    _check_rows(M)
     sums = torch.zeros((2, C), dtype=mean.dtype, device=x.device)
     if M == 0 or C == 0:
         return sums
@@ -502,6 +512,7 @@ def bn_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     dz = torch.empty_like(x) if need_dz else x.new_empty((0,))
     N, C, H, W = x.shape
     M = N * H * W
+    _check_rows(M)
     if M == 0 or C == 0:
         return dx, dz
     o = kernel_layout(out) if out is not None else x

@@ -181,6 +181,7 @@ def _dgrad(grad_out: Tensor, weight: Tensor, input_shape, stride, padding, dilat
     if M == 0 or C == 0 or K == 0 or grad_out.numel() == 0:
         sums = torch.zeros((2, C), dtype=torch.float32, device=grad_out.device) if bn is not None else None
         return (dx.zero_() if M and C else dx), sums
+    conv_configs.check_int32_indexing("dgrad", M, grad_out, dx, *(() if bn is None else (bn[0],)))
     cfg = conv_configs.dgrad_config(grad_out, M, C_g, K_g, fused_bn=bn is not None)
     num_n_g = triton.cdiv(C_g, cfg.block_n)
     num_m_tiles = triton.cdiv(M, cfg.block_m)
@@ -239,6 +240,7 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride, padding, dilat
     P = N * Ho * Wo
     if P == 0:
         return torch.zeros(weight_shape, dtype=dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+    conv_configs.check_int32_indexing("wgrad", max(P, N * H * W), grad_out, x)
     cfg = conv_configs.wgrad_config(x, K_g, C_g, P)
     num_m_g = triton.cdiv(K_g, cfg.block_m)
     num_n = triton.cdiv(C_g, cfg.block_n)

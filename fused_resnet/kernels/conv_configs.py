@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import _layout
+
 
 @dataclass(frozen=True)
 class Config:
@@ -29,6 +31,15 @@ class Config:
 INTERPRET_CONFIG = Config(128, 128, 64, 4, 1)
 
 
+def check_int32_indexing(what: str, rows: int, *tensors: torch.Tensor) -> None:
+    """A ValueError (instead of wrapped int32 offsets, silently wrong) beyond int32_indexing_fits;
+    fused_resnet.dispatch sends such convolutions to ATen before they get here."""
+    if not _layout.int32_indexing_fits(rows, *((t.shape, t.stride()) for t in tensors)):
+        raise ValueError(f"fused_resnet: the Triton {what} kernel indexes pixel rows and in-image offsets in int32: "
+                         f"{rows} rows, tensors {[tuple(t.shape) for t in tensors]} exceed 2^31 (use ATen for "
+                         f"this convolution: FUSED_RESNET_CONV=aten, or split the batch)")
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -37,6 +48,29 @@ def gpu_tiles(device: torch.device) -> bool:
     """Whether launches on ``device`` use the GPU configurations (the compile check forces them for meta
     tensors, to compile exactly what a GPU would run)."""
     return device.type == "cuda" and not interpreting()
+
+
+def fma_dot(dtype: torch.dtype) -> bool:
+    """fp32 with TF32 off (torch.backends.cudnn.allow_tf32 False): tl.dot in IEEE fp32 has no tensor-core
+    instruction and runs as FMAs on the CUDA cores, where the tensor-core tiles spill (128 x 128 wgrad: 6.5 KB
+    of stack per thread on sm_90): such launches take FMA_CONFIG's tiles instead (kernels/conv_fwd.py,
+    dot_precision, makes the same choice)."""
+    return dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+
+
+FMA_TILE = 64   # rows and columns at most
+FMA_K = 16
+# Warps and stages per pass: the combination without spills at the ResNet-50 shapes on sm_90 under both
+# Triton 3.9 and 3.6 (tests/test_triton_compile.py compiles it with 3.9): dgrad at 4 warps stopped at 128
+# registers with 8-24 bytes of stack, forward at 8 warps had 8-16 bytes of stack under 3.6, wgrad at 8 warps
+# 8 bytes.
+FMA_FWD = (4, 2)
+FMA_DGRAD = (8, 2)
+FMA_WGRAD = (4, 3)
+
+
+def _fma(cfg: Config, warps_stages: tuple) -> Config:
+    return Config(min(cfg.block_m, FMA_TILE), min(cfg.block_n, FMA_TILE), min(cfg.block_k, FMA_K), *warps_stages)
 
 
 def _narrow(n: int, widest: int) -> int:
@@ -61,7 +95,8 @@ def fwd_config(x: torch.Tensor, m: int, n: int, per_tap: int) -> Config:
     # 8 warps (two warpgroups, each issuing wgmma on 64 rows) from 128 x 64 tiles on: with 4, the BatchNorm
     # prologue's fp32 transform of the A tile pushed 128 x 64 forward tiles to 255 registers and a spill
     # (tests/test_triton_compile.py).
-    return Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, stages)
+    cfg = Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, stages)
+    return _fma(cfg, FMA_FWD) if fma_dot(x.dtype) else cfg
 
 
 def dgrad_config(grad_out: torch.Tensor, m: int, n: int, per_tap: int, fused_bn: bool = False) -> Config:
@@ -69,6 +104,8 @@ def dgrad_config(grad_out: torch.Tensor, m: int, n: int, per_tap: int, fused_bn:
     With the BatchNorm-backward epilogue (``fused_bn``) at most 64 columns: its x, mask and xhat tiles beside
     the accumulator spilled 128 x 128 tiles under Triton 3.6 (tests/triton_compile.py)."""
     cfg = fwd_config(grad_out, m, n, per_tap)
+    if gpu_tiles(grad_out.device) and fma_dot(grad_out.dtype):
+        cfg = Config(cfg.block_m, cfg.block_n, cfg.block_k, *FMA_DGRAD)
     if fused_bn and cfg.block_n > 64:
         return Config(cfg.block_m, 64, cfg.block_k, cfg.num_warps, cfg.num_stages)
     return cfg
@@ -82,7 +119,8 @@ def wgrad_config(x: torch.Tensor, k_g: int, c_g: int, pixels: int) -> Config:
     block_n = _narrow(c_g, 128)
     block_k = 64 if x.dtype in (torch.float16, torch.bfloat16) else 32
     stages = 4 if x.dtype in (torch.float16, torch.bfloat16) else 3
-    return Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, stages)
+    cfg = Config(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, stages)
+    return _fma(cfg, FMA_WGRAD) if fma_dot(x.dtype) else cfg
 
 
 def _sm_count(device: torch.device) -> int:

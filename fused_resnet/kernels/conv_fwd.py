@@ -196,6 +196,7 @@ def conv_fwd(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
     M = N * Ho * Wo
     if M == 0 or K == 0:
         return y, (torch.zeros((3, K), dtype=torch.float64, device=x.device) if stats else None)
+    conv_configs.check_int32_indexing("convolution", M, x, y, *(() if residual is None else (residual,)))
     cfg = conv_configs.fwd_config(x, M, K_g, C_g)
     num_n_g = triton.cdiv(K_g, cfg.block_n)
     num_m_tiles = triton.cdiv(M, cfg.block_m)
