@@ -312,3 +312,21 @@ def test_module_forward_conv_and_forward_maxpool(backend):
     conv.register_forward_hook(lambda *a: calls.append("conv"))
     bn.forward_conv(x, conv)
     assert calls == ["conv"]
+
+
+@pytest.mark.parametrize("P", [1, 255, 256, 257, 600, 70000])
+def test_partials_are_summed_in_chunks_exactly_once(P):
+    """kernels/batch_norm._sum_partials (the fused dgrad's BatchNorm partials, wgrad's split-K): chunks of 256
+    partials per program, then the chunks' sums (70000: three levels). Against a float64 sum: each partial
+    counted once, whatever the chunk boundaries."""
+    if not dispatch.supports_conv("triton", torch.empty(1, 16, 1, 1), torch.empty(1, 16, 1, 1)):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    from fused_resnet.kernels import batch_norm as kbn
+
+    g = torch.Generator().manual_seed(P)
+    part = torch.randn(P, 2, 3, generator=g)
+    out = torch.full((2, 3), float("nan"))
+    kbn._sum_partials(part, out)
+    ref = part.double().sum(0)
+    bound = 2 * P * 2 ** -24 * part.double().abs().sum(0) + 1e-30  # fp32 summation error, order-independent
+    assert torch.all((out.double() - ref).abs() <= bound), (out, ref)

@@ -163,16 +163,20 @@ def _merge_stats_kernel(part_ptr, out_ptr, P, C, chunk, BLOCK_P: tl.constexpr, B
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[k] = sum over p of part[p, k] (contiguous [P, K]), in the partials' dtype and a fixed order."""
+def _sum_partials_kernel(part_ptr, out_ptr, P, K, chunk, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (column block, g): out[g, k] = the sum over p in [g * chunk, (g + 1) * chunk) of part[p, k]
+    (contiguous [P, K]), in the partials' dtype and a fixed order."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
+    g = tl.program_id(1)
+    p_begin = g * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
     acc = tl.zeros([BLOCK_K], dtype=part_ptr.dtype.element_ty)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_begin, p_end, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & kmask[None, :]
+        mask = (ps < p_end)[:, None] & kmask[None, :]
         acc += tl.sum(tl.load(part_ptr + ps[:, None].to(tl.int64) * K + ks[None, :], mask=mask, other=0.0), 0)
-    tl.store(out_ptr + ks, acc, mask=kmask)
+    tl.store(out_ptr + g.to(tl.int64) * K + ks, acc, mask=kmask)
 
 
 @triton.jit
@@ -378,13 +382,22 @@ def _channels_fast(x: Tensor) -> bool:
     return s_c <= s_hw or x.shape[2] * x.shape[3] == 1
 
 
+_MERGE_CHUNK = 256  # partials merged (summed) by one program; more partials are merged in a second level
+
+
 def _sum_partials(part: Tensor, out: Tensor) -> None:
+    """out = part.sum(0) for contiguous partials [P, ...] (out: part[0]'s shape), in a fixed order: chunks
+    of _MERGE_CHUNK partials per program, then the chunks' sums the same way. One level would leave a few
+    programs to read every partial (the fused dgrad's BatchNorm partials: thousands of row tiles, K = 2C
+    columns: one program for C = 64)."""
     P, K = part.shape[0], part[0].numel()
+    groups = triton.cdiv(P, _MERGE_CHUNK)
+    dst = torch.empty((groups, *part.shape[1:]), dtype=part.dtype, device=part.device) if groups > 1 else out
     block_k = min(triton.next_power_of_2(K), 256)
-    _sum_partials_kernel[(triton.cdiv(K, block_k),)](part, out, P, K, BLOCK_P=16, BLOCK_K=block_k)
-
-
-_MERGE_CHUNK = 256  # partials merged by one program; more partials are merged in a second level
+    _sum_partials_kernel[(triton.cdiv(K, block_k), groups)](part, dst, P, K, _MERGE_CHUNK, BLOCK_P=16,
+                                                           BLOCK_K=block_k)
+    if groups > 1:
+        _sum_partials(dst, out)
 
 
 def merge_stats(part: Tensor) -> Tensor:
