@@ -53,8 +53,8 @@ def gpu_tiles(device: torch.device) -> bool:
 def fma_dot(dtype: torch.dtype) -> bool:
     """fp32 with TF32 off (torch.backends.cudnn.allow_tf32 False): tl.dot in IEEE fp32 has no tensor-core
     instruction and runs as FMAs on the CUDA cores, where the tensor-core tiles spill (128 x 128 wgrad: 6.5 KB
-    of stack per thread on sm_90): such launches take FMA_CONFIG's tiles instead (kernels/conv_fwd.py,
-    dot_precision, makes the same choice)."""
+    of stack per thread on sm_90): such launches take the FMA_* tiles below instead. The same condition as
+    kernels/conv_fwd.py's dot_precision(dtype) == "ieee" for fp32."""
     return dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
