@@ -175,8 +175,8 @@ cudaError_t dgrad(const ConvShape& s, const void* dy, const void* w, void* dx, c
 // dz, fp32 accumulation; and partials float [ceil(N*H*W / kDgradBnTileRows), 2, C] = per row tile and channel
 // (sum dz, sum dz * xhat), xhat = (x - mean) * invstd, fp32 sums in row order over the tile's stored
 // (rounded) dz. The caller sums the row tiles in a fixed order (cuda_bn::launch_reduce_partials_float).
-// mean / invstd float [C]; weight / bias float [C] or nullptr. Takes: stride 1 (CUTLASS's unit-stride dgrad), dilation 1,
-// C % 8 == 0 and K % 8 == 0, groups 1.
+// mean / invstd float [C]; weight / bias float [C] or nullptr. Takes: stride 1 (CUTLASS's unit-stride
+// dgrad), dilation 1, C % 8 == 0 and K % 8 == 0, groups 1.
 constexpr int kDgradBnTileRows = 128;
 constexpr int kDgradBnTileCols = 128;
 
